@@ -251,7 +251,7 @@ def _apply_environ(settings: Settings, environ: Mapping[str, str]) -> Settings:
     for variable, text in environ.items():
         if not variable.startswith("FLOYDD_"):
             continue
-        rest = variable[len("FLOYDD_"):].lower()
+        rest = variable[len("FLOYDD_") :].lower()
         section, _, key = rest.partition("_")
         if section not in _SECTIONS:
             continue

@@ -1,0 +1,3 @@
+from floydd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Wiring: build the aiohttp application and own the lifetime of its resources."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from floydd.api import JobsApi, error_middleware
+from floydd.config import Settings
+from floydd.proxy import Proxy
+from floydd.queue import QueueRegistry
+from floydd.runtime import DockerRuntime
+from floydd.store import JobStore
+from floydd.supervisor import Supervisor
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", JobStore)
+RUNTIME = web.AppKey("runtime", DockerRuntime)
+QUEUES = web.AppKey("queues", QueueRegistry)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+
+
+def build_app(settings: Settings) -> web.Application:
+    """Create the application; its resources open in `_lifetime` when it starts."""
+    store = JobStore(settings.state_path / "floydd.sqlite3")
+    runtime = DockerRuntime(settings.docker)
+    queues = QueueRegistry(settings.proxy.max_queue_depth)
+    supervisor = Supervisor(settings, store, runtime, queues)
+
+    app = web.Application(middlewares=[error_middleware])
+    app[SETTINGS], app[STORE], app[RUNTIME], app[QUEUES], app[SUPERVISOR] = (
+        settings,
+        store,
+        runtime,
+        queues,
+        supervisor,
+    )
+    api = JobsApi(settings, supervisor, runtime)
+    proxy = Proxy(settings.proxy, queues, store)
+    app.router.add_routes(api.routes())
+    app.router.add_route("*", "/expose/{job_id}", proxy.handle)
+    app.router.add_route("*", "/expose/{job_id}/{tail:.*}", proxy.handle)
+    app.cleanup_ctx.append(_lifetime)
+    return app
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    settings, store, runtime, supervisor = app[SETTINGS], app[STORE], app[RUNTIME], app[SUPERVISOR]
+    settings.state_path.mkdir(parents=True, exist_ok=True)
+
+    # Start-up: the database, then the Docker engine, then adopt what the last run left.
+    await store.open()
+    try:
+        await runtime.open()
+        await supervisor.start()
+    except BaseException:
+        await runtime.close()
+        await store.close()
+        raise
+    log.info("floydd_started", state_dir=str(settings.state_path), base_url=settings.base_url())
+
+    yield
+
+    # Shutdown: stop supervising (containers keep running), then release resources.
+    await supervisor.close()
+    await runtime.close()
+    await store.close()
+    log.info("floydd_stopped")

@@ -1,0 +1,240 @@
+"""The Docker side of a job: one container per job, through aiodocker.
+
+Every call that should return promptly runs under `docker.call_timeout_s`,
+so a hung engine turns into a `RuntimeFailure` instead of a hung job; the
+calls that last as long as the container (wait, log follow) have none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiodocker
+import structlog
+from aiodocker.exceptions import DockerError
+
+from floydd.config import DockerSettings
+from floydd.errors import RuntimeFailure
+from floydd.jobs import Job, JobMode
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+LABEL_MANAGED = "org.floydd.managed"
+LABEL_JOB = "org.floydd.job"
+LABEL_MODE = "org.floydd.mode"
+APP_PORT = 5000
+
+# Serve mode: install the project's requirements when present, then hand the
+# process over to the app so it receives the container's signals directly.
+SERVE_SCRIPT = """\
+set -e
+if [ -f floyd_requirements.txt ]; then
+    echo "floydd: installing floyd_requirements.txt"
+    python -m pip install --disable-pip-version-check --no-input -r floyd_requirements.txt
+fi
+echo "floydd: starting python app.py"
+exec python app.py
+"""
+
+
+@dataclass(frozen=True)
+class ContainerExit:
+    exit_code: int
+    oom_killed: bool
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class ManagedContainer:
+    id: str
+    job_id: str
+    running: bool
+
+
+def container_name(job_id: str) -> str:
+    return f"floydd-{job_id}"
+
+
+def container_config(job: Job, code_dir: Path, output_dir: Path) -> dict[str, Any]:
+    """Build the Docker create body for a job's container."""
+    if job.mode is JobMode.SERVE:
+        command = ["sh", "-c", SERVE_SCRIPT]
+    else:
+        command = ["sh", "-c", job.command or "true"]
+    host_config: dict[str, Any] = {
+        "Binds": [f"{code_dir}:/code:rw", f"{output_dir}:/output:rw"],
+        # docker-init (tini) as PID 1 reaps the app's children and forwards SIGTERM.
+        "Init": True,
+        "RestartPolicy": {"Name": "no"},
+    }
+    config: dict[str, Any] = {
+        "Image": job.image,
+        "Cmd": command,
+        "WorkingDir": "/code",
+        "Env": [
+            "PYTHONUNBUFFERED=1",
+            # Debian's Python refuses pip installs outside a venv; a job's
+            # container is disposable, so installing into it is intended.
+            "PIP_BREAK_SYSTEM_PACKAGES=1",
+            "PIP_ROOT_USER_ACTION=ignore",
+            f"FLOYDD_JOB_ID={job.id}",
+        ],
+        "Labels": {LABEL_MANAGED: "true", LABEL_JOB: job.id, LABEL_MODE: job.mode.value},
+        "HostConfig": host_config,
+    }
+    if job.mode is JobMode.SERVE:
+        config["ExposedPorts"] = {f"{APP_PORT}/tcp": {}}
+        # An empty HostPort lets Docker pick a free port, on loopback only.
+        host_config["PortBindings"] = {f"{APP_PORT}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
+    return config
+
+
+def describe_command(job: Job) -> str:
+    return "python app.py" if job.mode is JobMode.SERVE else shlex.quote(job.command or "")
+
+
+class DockerRuntime:
+    def __init__(self, settings: DockerSettings) -> None:
+        self._settings = settings
+        self._docker: aiodocker.Docker | None = None
+
+    @property
+    def docker(self) -> aiodocker.Docker:
+        if self._docker is None:
+            raise RuntimeError("DockerRuntime.open() was not called")
+        return self._docker
+
+    async def open(self) -> None:
+        self._docker = aiodocker.Docker(url=self._settings.url or None)
+        version = await self._call(self.docker.version(), "version")
+        log.info("docker_connected", version=version.get("Version"), api_version=version.get("ApiVersion"))
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def _call(self, call: Awaitable[T], what: str) -> T:
+        try:
+            async with asyncio.timeout(self._settings.call_timeout_s):
+                return await call
+        except TimeoutError as exc:
+            raise RuntimeFailure(
+                f"Docker engine did not answer {what} within {self._settings.call_timeout_s:g} s"
+            ) from exc
+        except DockerError as exc:
+            raise RuntimeFailure(f"Docker {what} failed: {exc.message}") from exc
+        except OSError as exc:
+            raise RuntimeFailure(f"Docker engine unreachable during {what}: {exc}") from exc
+
+    async def image_exists(self, image: str) -> bool:
+        try:
+            await self._call(self.docker.images.inspect(image), "image inspect")
+        except RuntimeFailure as exc:
+            if isinstance(exc.__cause__, DockerError) and exc.__cause__.status == 404:
+                return False
+            raise
+        return True
+
+    async def create_container(self, job: Job, code_dir: Path, output_dir: Path) -> str:
+        config = container_config(job, code_dir, output_dir)
+        container = await self._call(
+            self.docker.containers.create(config, name=container_name(job.id)), "container create"
+        )
+        return str(container.id)
+
+    async def start_container(self, container_id: str) -> None:
+        await self._call(self.docker.containers.container(container_id).start(), "container start")
+
+    async def inspect(self, container_id: str) -> dict[str, Any] | None:
+        """Return the container's inspect data, or None when it does not exist."""
+        try:
+            info: dict[str, Any] = await self._call(
+                self.docker.containers.container(container_id).show(), "container inspect"
+            )
+        except RuntimeFailure as exc:
+            if isinstance(exc.__cause__, DockerError) and exc.__cause__.status == 404:
+                return None
+            raise
+        return info
+
+    async def published_port(self, container_id: str) -> int:
+        info = await self.inspect(container_id)
+        if info is None:
+            raise RuntimeFailure(f"container {container_id[:12]} vanished before its port was published")
+        bindings = (info.get("NetworkSettings", {}).get("Ports") or {}).get(f"{APP_PORT}/tcp") or []
+        for binding in bindings:
+            if binding.get("HostIp") in ("127.0.0.1", "") and binding.get("HostPort"):
+                return int(binding["HostPort"])
+        raise RuntimeFailure(f"container {container_id[:12]} has no published port for {APP_PORT}/tcp")
+
+    async def wait(self, container_id: str) -> ContainerExit:
+        """Wait for the container to exit; no timeout, it lasts as long as the job."""
+        container = self.docker.containers.container(container_id)
+        try:
+            result = await container.wait()
+        except DockerError as exc:
+            if exc.status == 404:
+                return ContainerExit(exit_code=-1, oom_killed=False, error="container vanished")
+            raise RuntimeFailure(f"Docker container wait failed: {exc.message}") from exc
+        info = await self.inspect(container_id)
+        state = (info or {}).get("State", {})
+        return ContainerExit(
+            exit_code=int(result.get("StatusCode", state.get("ExitCode", -1))),
+            oom_killed=bool(state.get("OOMKilled", False)),
+            error=str(state.get("Error") or ""),
+        )
+
+    async def stop(self, container_id: str, grace_s: int) -> None:
+        container = self.docker.containers.container(container_id)
+        try:
+            # The stop call itself lasts up to grace_s while Docker waits for the exit.
+            async with asyncio.timeout(grace_s + self._settings.call_timeout_s):
+                await container.stop(t=grace_s)
+        except DockerError as exc:
+            # 304: already stopped; 404: already gone. Both are the outcome we want.
+            if exc.status not in (304, 404):
+                raise RuntimeFailure(f"Docker container stop failed: {exc.message}") from exc
+        except TimeoutError as exc:
+            raise RuntimeFailure(f"Docker engine did not stop container {container_id[:12]} in time") from exc
+
+    async def remove(self, container_id: str) -> None:
+        container = self.docker.containers.container(container_id)
+        try:
+            await self._call(container.delete(force=True, v=True), "container remove")
+        except RuntimeFailure as exc:
+            if isinstance(exc.__cause__, DockerError) and exc.__cause__.status in (404, 409):
+                # 409: removal already in progress.
+                return
+            raise
+
+    async def follow_logs(self, container_id: str, since: int = 0) -> AsyncIterator[str]:
+        """Yield the container's stdout and stderr from `since` (epoch seconds) until it exits."""
+        container = self.docker.containers.container(container_id)
+        stream = container.log(stdout=True, stderr=True, follow=True, since=since)
+        async for chunk in stream:
+            yield chunk
+
+    async def list_managed(self) -> list[ManagedContainer]:
+        containers = await self._call(
+            self.docker.containers.list(all=True, filters={"label": [f"{LABEL_MANAGED}=true"]}),
+            "container list",
+        )
+        managed = []
+        for container in containers:
+            labels = container._container.get("Labels") or {}
+            managed.append(
+                ManagedContainer(
+                    id=str(container.id),
+                    job_id=str(labels.get(LABEL_JOB, "")),
+                    running=container._container.get("State") == "running",
+                )
+            )
+        return managed

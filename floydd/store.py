@@ -1,0 +1,167 @@
+"""Job records in SQLite, through aiosqlite.
+
+Every change is committed before the call returns, with `synchronous=FULL`
+in WAL mode, so a daemon killed at any moment restarts with every job that
+it had acknowledged to a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from floydd.jobs import Job, JobMode, JobState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id           TEXT PRIMARY KEY,
+    mode         TEXT NOT NULL,
+    env          TEXT NOT NULL,
+    image        TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    command      TEXT,
+    reason       TEXT,
+    exit_code    INTEGER,
+    created_at   TEXT NOT NULL,
+    started_at   TEXT,
+    ended_at     TEXT,
+    deadline     TEXT NOT NULL,
+    container_id TEXT,
+    host_port    INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at);
+"""
+
+_COLUMNS = (
+    "id",
+    "mode",
+    "env",
+    "image",
+    "state",
+    "command",
+    "reason",
+    "exit_code",
+    "created_at",
+    "started_at",
+    "ended_at",
+    "deadline",
+    "container_id",
+    "host_port",
+)
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._connection: aiosqlite.Connection | None = None
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        if self._connection is None:
+            raise RuntimeError("JobStore.open() was not called")
+        return self._connection
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = await aiosqlite.connect(self.path)
+        await connection.execute("PRAGMA journal_mode=WAL")
+        await connection.execute("PRAGMA synchronous=FULL")
+        await connection.execute("PRAGMA busy_timeout=5000")
+        await connection.executescript(_SCHEMA)
+        await connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        await connection.commit()
+        self._connection = connection
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def insert(self, job: Job) -> None:
+        row = _to_row(job)
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        await self._db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", row)
+        await self._db.commit()
+
+    async def update(self, job: Job) -> None:
+        row = _to_row(job)
+        assignments = ", ".join(f"{column} = ?" for column in _COLUMNS[1:])
+        await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row[1:], row[0]))
+        await self._db.commit()
+
+    async def get(self, job_id: str) -> Job | None:
+        async with self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else _from_row(row)
+
+    async def list(self, states: Iterable[JobState] | None = None, limit: int = 1000) -> list[Job]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        params: list[Any] = []
+        if states is not None:
+            wanted = [state.value for state in states]
+            query += f" WHERE state IN ({', '.join('?' for _ in wanted)})"
+            params.extend(wanted)
+        query += " ORDER BY created_at DESC, id LIMIT ?"
+        params.append(limit)
+        async with self._db.execute(query, params) as cursor:
+            rows = await cursor.fetchall()
+        return [_from_row(row) for row in rows]
+
+
+def _to_row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.mode.value,
+        job.env,
+        job.image,
+        job.state.value,
+        job.command,
+        job.reason,
+        job.exit_code,
+        _time(job.created_at),
+        _time(job.started_at),
+        _time(job.ended_at),
+        _time(job.deadline),
+        job.container_id,
+        job.host_port,
+    )
+
+
+def _from_row(row: Any) -> Job:
+    values = dict(zip(_COLUMNS, row, strict=True))
+    return Job(
+        id=values["id"],
+        mode=JobMode(values["mode"]),
+        env=values["env"],
+        image=values["image"],
+        state=JobState(values["state"]),
+        command=values["command"],
+        reason=values["reason"],
+        exit_code=values["exit_code"],
+        created_at=_parse_time(values["created_at"]),
+        started_at=_parse_optional_time(values["started_at"]),
+        ended_at=_parse_optional_time(values["ended_at"]),
+        deadline=_parse_time(values["deadline"]),
+        container_id=values["container_id"],
+        host_port=values["host_port"],
+    )
+
+
+def _time(moment: datetime | None) -> str | None:
+    # ISO 8601 in UTC with microseconds sorts correctly as text.
+    return None if moment is None else moment.isoformat(timespec="microseconds")
+
+
+def _parse_time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def _parse_optional_time(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
