@@ -281,7 +281,8 @@ def _extract_zip_member(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, root: Pa
         raise ArchiveRejected(
             f"member {info.filename!r} is a symlink, which zip uploads cannot contain", member=info.filename
         )
-    if unix_mode and not (stat.S_ISREG(unix_mode) or stat.S_ISDIR(unix_mode)):
+    # Zip writers often store permission bits without a file type; those are regular files.
+    if stat.S_IFMT(unix_mode) and not (stat.S_ISREG(unix_mode) or stat.S_ISDIR(unix_mode)):
         raise ArchiveRejected(f"member {info.filename!r} is a special file", member=info.filename)
     target = root / relative
     if not _inside(root, target.parent):

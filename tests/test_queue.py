@@ -1,0 +1,100 @@
+"""The per-job FIFO queue: order, limits, closing and clients that leave."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from floydd.errors import JobNotServing, QueueFull, QueueTimeout
+from floydd.queue import JobQueue, Upstream
+
+UPSTREAM = Upstream("127.0.0.1", 5000)
+
+
+async def hold(queue: JobQueue, name: str, entered: list[str], release: asyncio.Event) -> None:
+    async with queue.slot(timeout_s=10):
+        entered.append(name)
+        await release.wait()
+
+
+async def test_waiters_enter_in_arrival_order() -> None:
+    queue = JobQueue("j", max_depth=10)
+    entered: list[str] = []
+    release = asyncio.Event()
+    tasks = []
+    for name in "abcde":
+        tasks.append(asyncio.create_task(hold(queue, name, entered, release)))
+        await asyncio.sleep(0)
+    queue.open(UPSTREAM)
+    await asyncio.sleep(0)
+    assert entered == ["a"]
+    assert queue.depth == 4
+    release.set()
+    await asyncio.gather(*tasks)
+    assert entered == list("abcde")
+    assert queue.in_flight == 0
+
+
+async def test_concurrency_two_admits_two() -> None:
+    queue = JobQueue("j", concurrency=2, max_depth=10)
+    queue.open(UPSTREAM)
+    entered: list[str] = []
+    release = asyncio.Event()
+    tasks = [asyncio.create_task(hold(queue, name, entered, release)) for name in "abc"]
+    await asyncio.sleep(0.01)
+    assert entered == ["a", "b"]
+    release.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_full_queue_rejects_with_retry_after() -> None:
+    queue = JobQueue("j", max_depth=1)
+    waiter = asyncio.create_task(queue.slot(timeout_s=10).__aenter__())
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as caught:
+        async with queue.slot(timeout_s=10):
+            pass
+    assert caught.value.headers["Retry-After"] == "1"
+    assert caught.value.extra["queue_depth"] == 1
+    waiter.cancel()
+
+
+async def test_queue_wait_times_out() -> None:
+    queue = JobQueue("j", max_depth=10)
+    with pytest.raises(QueueTimeout, match="queue_timeout_s"):
+        async with queue.slot(timeout_s=0.05):
+            pass
+    assert queue.depth == 0
+
+
+async def test_close_answers_waiters_at_once() -> None:
+    queue = JobQueue("j", max_depth=10)
+    waiters = [asyncio.create_task(queue._acquire(timeout_s=10)) for _ in range(3)]
+    await asyncio.sleep(0)
+    queue.close(JobNotServing("job j is stopped, not serving", state="stopped"))
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(result, JobNotServing) for result in results)
+    with pytest.raises(JobNotServing):
+        async with queue.slot(timeout_s=10):
+            pass
+
+
+async def test_cancelled_waiter_leaves_queue() -> None:
+    queue = JobQueue("j", max_depth=10)
+    queue.open(UPSTREAM)
+    entered: list[str] = []
+    release = asyncio.Event()
+    first = asyncio.create_task(hold(queue, "first", entered, release))
+    await asyncio.sleep(0)
+    leaver = asyncio.create_task(hold(queue, "leaver", entered, release))
+    last = asyncio.create_task(hold(queue, "last", entered, release))
+    await asyncio.sleep(0)
+    assert queue.depth == 2
+    leaver.cancel()
+    await asyncio.sleep(0)
+    assert queue.depth == 1
+    release.set()
+    await asyncio.gather(first, last)
+    assert entered == ["first", "last"]
+    assert queue.in_flight == 0

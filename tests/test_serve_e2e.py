@@ -1,0 +1,179 @@
+"""End to end: a real floydd, a real Docker engine, real uploads and real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import aiohttp
+import pytest
+from PIL import Image
+
+from tests.conftest import (
+    APPS,
+    DATA,
+    EXAMPLES,
+    Daemon,
+    container_exists,
+    get_job,
+    get_logs,
+    submit,
+    submit_ok,
+    tar_gz,
+    wait_for_state,
+)
+
+pytestmark = pytest.mark.docker
+
+
+async def test_style_transfer_restyles_photo(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, EXAMPLES / "style-transfer", mode="serve")
+    assert job["state"] == "queued"
+    assert job["endpoint"] == f"{daemon.url}/expose/{job['id']}"
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+
+    photo = (DATA / "rocket.jpg").read_bytes()
+    form = aiohttp.FormData()
+    form.add_field("file", photo, filename="rocket.jpg", content_type="image/jpeg")
+    async with client.post(job["endpoint"], data=form) as response:
+        assert response.status == 200
+        restyled = await response.read()
+
+    original = Image.open(io.BytesIO(photo))
+    result = Image.open(io.BytesIO(restyled))
+    result.load()
+    assert result.format == "JPEG"
+    assert result.size == original.size
+    assert restyled != photo
+
+
+async def test_style_transfer_rejects_non_image(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, EXAMPLES / "style-transfer", mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+    form = aiohttp.FormData()
+    form.add_field("file", b"this is not an image\n", filename="notes.txt", content_type="text/plain")
+    async with client.post(job["endpoint"], data=form) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert "error" in body
+
+
+async def test_queue_admits_one_request_in_arrival_order(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, APPS / "concurrency", mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+    endpoint = job["endpoint"]
+
+    async def call(seq: int) -> int:
+        async with client.get(f"{endpoint}/work?seq={seq}") as response:
+            await response.read()
+            return response.status
+
+    # Requests leave 50 ms apart, so their arrival order is known, while the
+    # app takes 200 ms each: all 20 are outstanding at once.
+    calls = []
+    for seq in range(20):
+        calls.append(asyncio.create_task(call(seq)))
+        await asyncio.sleep(0.05)
+    statuses = await asyncio.gather(*calls)
+
+    async with client.get(f"{endpoint}/stats") as response:
+        stats = await response.json()
+    assert statuses == [200] * 20
+    assert stats["max_concurrency"] == 1
+    assert stats["order"] == list(range(20))
+
+
+async def test_requests_wait_while_job_starts(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, APPS / "echo", mode="serve")
+    # Sent at once, before the container is up: they wait in the queue.
+    async with client.get(f"{job['endpoint']}/early?n=1") as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["uri"] == "/early?n=1"
+    current = await get_job(client, daemon, job["id"])
+    assert current["state"] == "serving"
+
+
+async def test_max_uptime_times_out_job(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, APPS / "echo", mode="serve", max_uptime="3s")
+    ended = await wait_for_state(client, daemon, job["id"], {"timed_out"}, timeout_s=60)
+    assert ended["reason"] == "max uptime reached"
+    assert not await container_exists(job["id"])
+    async with client.get(job["endpoint"]) as response:
+        assert response.status == 503
+        body = await response.json()
+    assert body["state"] == "timed_out"
+
+
+async def test_stop_removes_container_keeps_logs(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, APPS / "echo", mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+    async with client.get(f"{job['endpoint']}/print?msg=marker-7f3a") as response:
+        assert response.status == 200
+
+    async with client.post(f"{daemon.url}/api/v1/jobs/{job['id']}/stop") as response:
+        assert response.status == 200
+        stopped = await response.json()
+
+    assert stopped["state"] == "stopped"
+    assert not await container_exists(job["id"])
+    logs = await get_logs(client, daemon, job["id"])
+    assert "echo app listening on 5000" in logs
+    assert "marker-7f3a" in logs
+    assert daemon.logged("job_state_changed", job_id=job["id"], state="stopped")
+
+
+async def test_broken_app_fails_with_traceback(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    job = await submit_ok(client, daemon, APPS / "broken", mode="serve")
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"})
+    assert ended["exit_code"] == 1
+    assert ended["reason"] == "exited with code 1"
+    logs = await get_logs(client, daemon, job["id"])
+    assert "Traceback (most recent call last)" in logs
+    assert "RuntimeError: model file missing: weights.h5" in logs
+    assert not await container_exists(job["id"])
+
+
+async def test_logs_follow_streams_until_end(daemon: Daemon, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "counter"
+    project.mkdir()
+    (project / "count.py").write_text(
+        "import time\nfor i in range(5):\n    print(f'line {i}', flush=True)\n    time.sleep(0.3)\n"
+    )
+    job = await submit_ok(client, daemon, project, command="python count.py")
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job['id']}/logs?follow=true") as response:
+        followed = await response.text()
+    assert [f"line {i}" for i in range(5)] == [line for line in followed.splitlines() if line.startswith("line")]
+    current = await get_job(client, daemon, job["id"])
+    assert current["state"] == "succeeded"
+
+
+async def test_command_job_exit_code(daemon: Daemon, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "train.py").write_text("import sys\nprint('training')\nsys.exit(3)\n")
+    job = await submit_ok(client, daemon, project, command="python train.py")
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"})
+    assert ended["exit_code"] == 3
+    assert ended["reason"] == "exited with code 3"
+    assert "training" in await get_logs(client, daemon, job["id"])
+
+
+async def test_command_job_writes_output(daemon: Daemon, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "run.sh").write_text("echo result > /output/result.txt\n")
+    job = await submit_ok(client, daemon, project, command="sh run.sh")
+    await wait_for_state(client, daemon, job["id"], {"succeeded"})
+    output = daemon.state_dir / "jobs" / job["id"] / "output" / "result.txt"
+    assert output.read_text() == "result\n"
+
+
+async def test_serve_upload_without_app_py(daemon: Daemon, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "server.py").write_text("print('hi')\n")
+    status, body = await submit(client, daemon, tar_gz(project), mode="serve")
+    assert status == 400
+    assert "app.py" in body["detail"]
+    assert not list((daemon.state_dir / "jobs").glob("*"))
