@@ -73,7 +73,15 @@ def test_in_tree_symlink_is_kept(tmp_path: Path) -> None:
         ([link("h", "/etc/passwd", tarfile.LNKTYPE)], "absolute path"),
         ([link("h", "missing.txt", tarfile.LNKTYPE)], "hardlink"),
     ],
-    ids=["dotdot", "absolute", "symlink-then-file", "symlink-dir", "relative-escape", "hardlink-abs", "hardlink-dangling"],
+    ids=[
+        "dotdot",
+        "absolute",
+        "symlink-then-file",
+        "symlink-dir",
+        "relative-escape",
+        "hardlink-abs",
+        "hardlink-dangling",
+    ],
 )
 def test_escaping_member_is_rejected(tmp_path: Path, members: list, message: str) -> None:
     archive = make_tar(tmp_path / "a.tgz", members)
