@@ -78,6 +78,11 @@ class Job:
     container_id: str | None = None
     # Host port on 127.0.0.1 that Docker published for the app's port 5000.
     host_port: int | None = None
+    # Name of the user whose token created the job; None before tokens exist.
+    owner: str | None = None
+    # Per-job requests beyond the basics (concurrency, GPUs, datasets, limits),
+    # stored as JSON so that adding one needs no schema change.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def transition(self, target: JobState, **changes: Any) -> Job:
         """Return a copy in `target` state; raise IllegalTransition when not allowed."""

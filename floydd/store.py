@@ -7,6 +7,7 @@ it had acknowledged to a client.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
@@ -16,45 +17,38 @@ import aiosqlite
 
 from floydd.jobs import Job, JobMode, JobState
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id           TEXT PRIMARY KEY,
-    mode         TEXT NOT NULL,
-    env          TEXT NOT NULL,
-    image        TEXT NOT NULL,
-    state        TEXT NOT NULL,
-    command      TEXT,
-    reason       TEXT,
-    exit_code    INTEGER,
-    created_at   TEXT NOT NULL,
-    started_at   TEXT,
-    ended_at     TEXT,
-    deadline     TEXT NOT NULL,
-    container_id TEXT,
-    host_port    INTEGER
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
-CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at);
-"""
+# Each entry upgrades the schema by one version; PRAGMA user_version records
+# how many have run. Append new migrations, never edit a released one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY,
+        mode         TEXT NOT NULL,
+        env          TEXT NOT NULL,
+        image        TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        command      TEXT,
+        reason       TEXT,
+        exit_code    INTEGER,
+        created_at   TEXT NOT NULL,
+        started_at   TEXT,
+        ended_at     TEXT,
+        deadline     TEXT NOT NULL,
+        container_id TEXT,
+        host_port    INTEGER,
+        owner        TEXT,
+        options      TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX jobs_state ON jobs (state);
+    CREATE INDEX jobs_created_at ON jobs (created_at);
+    """,
+)
 
 _COLUMNS = (
-    "id",
-    "mode",
-    "env",
-    "image",
-    "state",
-    "command",
-    "reason",
-    "exit_code",
-    "created_at",
-    "started_at",
-    "ended_at",
-    "deadline",
-    "container_id",
-    "host_port",
-)
+    "id", "mode", "env", "image", "state", "command", "reason", "exit_code",
+    "created_at", "started_at", "ended_at", "deadline", "container_id", "host_port",
+    "owner", "options",
+)  # fmt: skip
 
 
 class JobStore:
@@ -71,13 +65,20 @@ class JobStore:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = await aiosqlite.connect(self.path)
-        await connection.execute("PRAGMA journal_mode=WAL")
-        await connection.execute("PRAGMA synchronous=FULL")
-        await connection.execute("PRAGMA busy_timeout=5000")
-        await connection.executescript(_SCHEMA)
-        await connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        await connection.commit()
+        try:
+            await connection.execute("PRAGMA journal_mode=WAL")
+            await connection.execute("PRAGMA synchronous=FULL")
+            await connection.execute("PRAGMA busy_timeout=5000")
+            await _migrate(connection)
+        except BaseException:
+            await connection.close()
+            raise
         self._connection = connection
+
+    @property
+    def connection(self) -> aiosqlite.Connection:
+        """The open connection, for other stores that keep their tables in the same file."""
+        return self._db
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -115,6 +116,19 @@ class JobStore:
         return [_from_row(row) for row in rows]
 
 
+async def _migrate(connection: aiosqlite.Connection) -> None:
+    async with connection.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise RuntimeError(
+            f"database schema version {version} is newer than this floydd knows ({len(MIGRATIONS)}); upgrade floydd"
+        )
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        # executescript commits first, so each migration and its version bump land together.
+        await connection.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+
 def _to_row(job: Job) -> tuple[Any, ...]:
     return (
         job.id,
@@ -131,6 +145,8 @@ def _to_row(job: Job) -> tuple[Any, ...]:
         _time(job.deadline),
         job.container_id,
         job.host_port,
+        job.owner,
+        json.dumps(job.options, sort_keys=True),
     )
 
 
@@ -151,6 +167,8 @@ def _from_row(row: Any) -> Job:
         deadline=_parse_time(values["deadline"]),
         container_id=values["container_id"],
         host_port=values["host_port"],
+        owner=values["owner"],
+        options=json.loads(values["options"]),
     )
 
 
