@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
@@ -27,7 +29,7 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 def build_app(settings: Settings) -> web.Application:
     """Create the application; its resources open in `_lifetime` when it starts."""
     store = JobStore(settings.state_path / "floydd.sqlite3")
-    runtime = DockerRuntime(settings.docker)
+    runtime = DockerRuntime(settings.docker, instance_id(settings.state_path))
     queues = QueueRegistry(settings.proxy.max_queue_depth)
     supervisor = Supervisor(settings, store, runtime, queues)
 
@@ -46,6 +48,18 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_route("*", "/expose/{job_id}/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_lifetime)
     return app
+
+
+def instance_id(state_path: Path) -> str:
+    """Return this state directory's instance id, creating it on first use."""
+    path = state_path / "instance-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        state_path.mkdir(parents=True, exist_ok=True)
+        identifier = secrets.token_hex(8)
+        path.write_text(identifier + "\n")
+        return identifier
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:

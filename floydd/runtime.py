@@ -29,6 +29,9 @@ T = TypeVar("T")
 LABEL_MANAGED = "org.floydd.managed"
 LABEL_JOB = "org.floydd.job"
 LABEL_MODE = "org.floydd.mode"
+# Which daemon owns a container: several floydd instances (or test runs) may
+# share one engine, and each reconciles only its own containers.
+LABEL_INSTANCE = "org.floydd.instance"
 APP_PORT = 5000
 
 # Serve mode: install the project's requirements when present, then hand the
@@ -62,7 +65,7 @@ def container_name(job_id: str) -> str:
     return f"floydd-{job_id}"
 
 
-def container_config(job: Job, code_dir: Path, output_dir: Path) -> dict[str, Any]:
+def container_config(job: Job, code_dir: Path, output_dir: Path, instance_id: str) -> dict[str, Any]:
     """Build the Docker create body for a job's container."""
     if job.mode is JobMode.SERVE:
         command = ["sh", "-c", SERVE_SCRIPT]
@@ -86,7 +89,12 @@ def container_config(job: Job, code_dir: Path, output_dir: Path) -> dict[str, An
             "PIP_ROOT_USER_ACTION=ignore",
             f"FLOYDD_JOB_ID={job.id}",
         ],
-        "Labels": {LABEL_MANAGED: "true", LABEL_JOB: job.id, LABEL_MODE: job.mode.value},
+        "Labels": {
+            LABEL_MANAGED: "true",
+            LABEL_INSTANCE: instance_id,
+            LABEL_JOB: job.id,
+            LABEL_MODE: job.mode.value,
+        },
         "HostConfig": host_config,
     }
     if job.mode is JobMode.SERVE:
@@ -101,8 +109,9 @@ def describe_command(job: Job) -> str:
 
 
 class DockerRuntime:
-    def __init__(self, settings: DockerSettings) -> None:
+    def __init__(self, settings: DockerSettings, instance_id: str) -> None:
         self._settings = settings
+        self.instance_id = instance_id
         self._docker: aiodocker.Docker | None = None
 
     @property
@@ -144,7 +153,7 @@ class DockerRuntime:
         return True
 
     async def create_container(self, job: Job, code_dir: Path, output_dir: Path) -> str:
-        config = container_config(job, code_dir, output_dir)
+        config = container_config(job, code_dir, output_dir, self.instance_id)
         container = await self._call(
             self.docker.containers.create(config, name=container_name(job.id)), "container create"
         )
@@ -224,7 +233,9 @@ class DockerRuntime:
 
     async def list_managed(self) -> list[ManagedContainer]:
         containers = await self._call(
-            self.docker.containers.list(all=True, filters={"label": [f"{LABEL_MANAGED}=true"]}),
+            self.docker.containers.list(
+                all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.instance_id}"]}
+            ),
             "container list",
         )
         managed = []
