@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from floydd.auth import AUTHENTICATOR
 from floydd.config import ProxySettings
 from floydd.errors import FloyddError, JobNotFound, JobNotServing
 from floydd.queue import Admission, QueueRegistry
@@ -76,6 +77,8 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
+        # A private job answers only its owner's or an admin's token, which is not forwarded.
+        request = await request.app[AUTHENTICATOR].authorize_expose(request, job_id)
         queue = self._queues.get(job_id)
         if queue is None:
             raise await self._not_serving(job_id)
