@@ -21,7 +21,6 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -184,17 +183,18 @@ class Authenticator:
     async def authorize_expose(self, request: web.Request, job_id: str) -> web.Request:
         """Check a `/expose/<id>` request against the job's privacy.
 
-        Returns the request to forward. For a private job that is a copy without
-        the `Authorization` header, so floydd's token never reaches the app.
-        Raises Unauthorized or Forbidden; an unknown job passes, and the proxy
-        answers it with 404.
+        Returns the request to forward: a copy without the `Authorization`
+        header when it carries a floydd token, so that the token never reaches
+        an app. Raises Unauthorized or Forbidden; an unknown job passes, and the
+        proxy answers it with 404.
         """
         owner, private = await self._job_privacy(job_id)
-        if not private:
+        if private:
+            user = await self.authenticate(request)
+            if not (user.is_admin or user.name == owner):
+                raise Forbidden(f"job {job_id} is private to its owner")
+        if not _carries_floydd_token(request):
             return request
-        user = await self.authenticate(request)
-        if not (user.is_admin or user.name == owner):
-            raise Forbidden(f"job {job_id} is private to its owner")
         headers = request.headers.copy()
         headers.popall("Authorization", None)
         return request.clone(headers=headers)
@@ -215,6 +215,11 @@ class Authenticator:
 
 USER_KEY = "floydd.user"
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+
+
+def _carries_floydd_token(request: web.Request) -> bool:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and parse_token(token.strip()) is not None
 
 
 def is_private(job: Job) -> bool:
@@ -246,7 +251,3 @@ def ensure_job_access(user: User, job: Job) -> Job:
     if user.is_admin or job.owner == user.name:
         return job
     raise JobNotFound(f"no job with id {job.id}")
-
-
-def visible_jobs(user: User, jobs: Iterable[Job]) -> list[Job]:
-    return [job for job in jobs if user.is_admin or job.owner == user.name]

@@ -26,6 +26,7 @@ from typing import IO, TypeVar
 import structlog
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
 from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError
 
 from floydd.config import UploadSettings
 from floydd.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
@@ -107,10 +108,7 @@ async def receive_submission(
     submission = Submission()
     parts = 0
     while True:
-        try:
-            part = await _within(body_timeout_s, reader.next())
-        except ValueError as exc:
-            raise InvalidRequest(f"invalid multipart body: {exc}") from exc
+        part = await _within(body_timeout_s, reader.next())
         if part is None:
             break
         parts += 1
@@ -151,12 +149,17 @@ def _check_content_type(header: str) -> None:
 
 
 async def _within(timeout_s: float, step: Awaitable[_T]) -> _T:
-    """Await one read of the request body, raising 408 when the client stalls."""
+    """Await one read of the request body, raising 408 when the client stalls and 400 when it is malformed."""
     try:
         async with asyncio.timeout(timeout_s):
             return await step
     except TimeoutError:
         raise RequestTimeout(f"the client sent no request body data for {timeout_s} seconds") from None
+    except HttpProcessingError as exc:
+        # aiohttp bounds part headers by the server's max_header_bytes and max_headers.
+        raise InvalidRequest(f"invalid multipart body: {exc.message}") from exc
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid multipart body: {exc}") from exc
 
 
 async def _read_part(
