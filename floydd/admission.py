@@ -121,12 +121,12 @@ def guard_routes(routes: Iterable[web.RouteDef], admit: Admit | None = None) -> 
 def unknown_api_routes() -> list[web.RouteDef]:
     """Return the catch-all route for `/api` paths that no other route matches."""
     return [
-        web.route("*", "/api", _unknown_api_path, expect_handler=expect_handler(_raise_route_error)),
-        web.route("*", "/api/{tail:.*}", _unknown_api_path, expect_handler=expect_handler(_raise_route_error)),
+        web.route("*", "/api", unknown_api_path, expect_handler=expect_handler(_raise_route_error)),
+        web.route("*", "/api/{tail:.*}", unknown_api_path, expect_handler=expect_handler(_raise_route_error)),
     ]
 
 
-async def _unknown_api_path(request: web.Request) -> NoReturn:
+async def unknown_api_path(request: web.Request) -> NoReturn:
     await _raise_route_error(request)
     raise AssertionError("_raise_route_error always raises")
 
@@ -135,7 +135,7 @@ async def _raise_route_error(request: web.Request) -> None:
     """Raise the 405 or 404 that aiohttp's router would give without the catch-all route."""
     allowed: set[str] = set()
     for resource in request.app.router.resources():
-        if any(route.handler is _unknown_api_path for route in resource):
+        if any(route.handler is unknown_api_path for route in resource):
             continue
         match, methods = await resource.resolve(request)
         if match is None:

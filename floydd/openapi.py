@@ -56,6 +56,7 @@ JOB_ID_PARAMETER: Schema = {
 }
 
 JOB_STATES = ["queued", "starting", "serving", "running", "succeeded", "failed", "stopped", "timed_out"]
+_STATE = f"({'|'.join(JOB_STATES)})"
 
 SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -125,7 +126,7 @@ PATHS: dict[str, Schema] = {
                     "in": "query",
                     "required": False,
                     "description": "comma-separated states to keep",
-                    "schema": {"type": "string"},
+                    "schema": {"type": "string", "pattern": f"^{_STATE}(,{_STATE})*$"},
                 }
             ],
             "responses": {"200": json_body(ref("JobList"), "the jobs"), **error_responses(400)},
