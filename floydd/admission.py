@@ -1,6 +1,6 @@
 """Admission of API requests before their body is read: tokens, per-user limits, `Expect`.
 
-aiohttp answers `Expect: 100-continue` in the route's expect handler, which
+aiohttp handles `Expect: 100-continue` in the route's expect handler, which
 runs before any middleware. Its default handler sends `100 Continue` at once,
 so a client would upload its whole body only to learn that its token is wrong
 or its upload too large. Every `/api` route gets `expect_handler` here instead:
@@ -73,7 +73,7 @@ def check_dataset_quota(settings: Settings, user: User, current_bytes: int, adde
 def error_response(exc: FloyddError) -> web.Response:
     """Build the JSON error response that `api.error_middleware` would send, closing the connection."""
     response = web.json_response(exc.to_json(), status=exc.status, headers=exc.headers)
-    # The client may still send the body that it was told not to; do not read it as the next request.
+    # The client may still send the body after this response; it must not be parsed as the next request.
     response.force_close()
     return response
 

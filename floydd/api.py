@@ -177,10 +177,7 @@ class JobsApi:
         if "max_uptime" in fields:
             max_uptime_s = parse_duration(fields["max_uptime"])
         max_uptime_s = min(max_uptime_s, self._settings.jobs.max_uptime_limit_s)
-        private_text = fields.get("private", "false")
-        private = _BOOLEANS.get(private_text.strip().lower())
-        if private is None:
-            raise InvalidRequest(f"invalid private {private_text!r}: use true or false")
+        private = _parse_private(fields.get("private", "false"))
         created_at = utcnow()
         return Job(
             id=job_id,
@@ -242,6 +239,13 @@ class JobsApi:
             await _copy_new(path, offset, response)
         await response.write_eof()
         return response
+
+
+def _parse_private(text: str) -> bool:
+    private = _BOOLEANS.get(text.strip().lower())
+    if private is None:
+        raise InvalidRequest(f"invalid private {text!r}: use true or false")
+    return private
 
 
 async def _copy_new(path: Path, offset: int, response: web.StreamResponse) -> int:

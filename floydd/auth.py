@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -39,6 +41,8 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REALM = "floydd"
 # Job ids whose privacy is cached for /expose; privacy and owner never change after creation.
 _EXPOSE_CACHE_SIZE = 10_000
+# A client that tries many tokens gets one log line per interval, not one per request.
+_REJECTION_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ class Authenticator:
         self.tokens = tokens
         self._store = store
         self._expose_cache: dict[str, tuple[str | None, bool]] = {}
+        self._last_rejection_log = -math.inf
+        self._rejections_not_logged = 0
 
     async def authenticate(self, request: web.Request) -> User:
         """Return the request's user, or raise Unauthorized; the result is kept on the request."""
@@ -172,7 +178,7 @@ class Authenticator:
         if scheme.lower() == "bearer":
             user = await self.tokens.authenticate(token.strip())
         if user is None:
-            log.info("auth_rejected", path=request.path, remote=request.remote)
+            self._log_rejection(request)
             raise Unauthorized(
                 "invalid or revoked bearer token",
                 headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
@@ -180,13 +186,25 @@ class Authenticator:
         request[USER_KEY] = user
         return user
 
+    def _log_rejection(self, request: web.Request) -> None:
+        """Log a rejected token at most once per interval, with the count of those not logged."""
+        now = time.monotonic()
+        if now - self._last_rejection_log < _REJECTION_LOG_INTERVAL_S:
+            self._rejections_not_logged += 1
+            return
+        log.info(
+            "auth_rejected", path=request.path, remote=request.remote, not_logged_before=self._rejections_not_logged
+        )
+        self._last_rejection_log = now
+        self._rejections_not_logged = 0
+
     async def authorize_expose(self, request: web.Request, job_id: str) -> web.Request:
         """Check a `/expose/<id>` request against the job's privacy.
 
         Returns the request to forward: a copy without the `Authorization`
         header when it carries a floydd token, so that the token never reaches
         an app. Raises Unauthorized or Forbidden; an unknown job passes, and the
-        proxy answers it with 404.
+        proxy returns 404 for it.
         """
         owner, private = await self._job_privacy(job_id)
         if private:
@@ -197,7 +215,14 @@ class Authenticator:
             return request
         headers = request.headers.copy()
         headers.popall("Authorization", None)
-        return request.clone(headers=headers)
+        try:
+            return request.clone(headers=headers)
+        except UnicodeEncodeError:
+            # aiohttp's clone re-encodes header values as UTF-8; bytes that are not UTF-8 cannot pass unchanged.
+            raise InvalidRequest(
+                "a request that carries a floydd token must have UTF-8 header values; "
+                "send the token only to private jobs"
+            ) from None
 
     async def _job_privacy(self, job_id: str) -> tuple[str | None, bool]:
         cached = self._expose_cache.get(job_id)
@@ -247,7 +272,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def ensure_job_access(user: User, job: Job) -> Job:
-    """Return `job` when `user` may see it; another user's job is answered as not found."""
+    """Return `job` when `user` may see it; for another user's job raise JobNotFound, as if it did not exist."""
     if user.is_admin or job.owner == user.name:
         return job
     raise JobNotFound(f"no job with id {job.id}")

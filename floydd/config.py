@@ -57,7 +57,7 @@ class ServerSettings:
     # An idle connection, or one whose request headers are still incomplete,
     # is closed after this many seconds, so slow clients cannot pin connections.
     keepalive_timeout_s: float = 60.0
-    # Longest pause between two reads of an upload body before a 408.
+    # Maximum pause in seconds between two reads of an upload body before a 408.
     body_timeout_s: float = 60.0
 
 

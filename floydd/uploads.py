@@ -235,7 +235,7 @@ def unpack_archive(archive: Path, destination: Path, limits: UnpackLimits) -> No
 
 
 class _Budget:
-    """What an archive has unpacked so far, against its limits."""
+    """Counts of the members and bytes an archive has unpacked so far, checked against its limits."""
 
     def __init__(self, limits: UnpackLimits, archive_bytes: int) -> None:
         self.limits = limits
@@ -297,11 +297,11 @@ def _unpack_tar(archive: Path, root: Path, budget: _Budget) -> None:
             for member in _iter_tar(tar):
                 _extract_tar_member(tar, member, root, budget)
     except tarfile.ReadError as exc:
-        raise ArchiveRejected(f"not a tar, tar.gz or zip archive: {exc}") from exc
+        raise ArchiveRejected(f"not a tar, tar.gz or zip archive: {exc}", rule="corrupt") from exc
     except (EOFError, OSError, zlib.error) as exc:
         if isinstance(exc, ArchiveRejected):
             raise
-        raise ArchiveRejected(f"archive is truncated or corrupt: {exc}") from exc
+        raise ArchiveRejected(f"archive is truncated or corrupt: {exc}", rule="corrupt") from exc
 
 
 def _iter_tar(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import sys
 from typing import Any
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import APPS, CONFIG, Daemon, create_token, submit, submit_ok, tar_gz, wait_for_state
+from tests.test_http_abuse import exchange
 
 pytestmark = pytest.mark.docker
 
@@ -184,6 +186,12 @@ async def test_public_job_drops_floydd_token(daemon: Daemon, client: aiohttp.Cli
     assert "Authorization" not in [name for name, _ in echoed["headers"]]
     status, _, echoed = await fetch(daemon, "GET", path, {"Authorization": "Bearer app-own-token"})
     assert ["Authorization", "Bearer app-own-token"] in echoed["headers"]
+
+    # Dropping the header must not fail on header bytes that are not UTF-8.
+    raw = f"GET {path} HTTP/1.1\r\nHost: f\r\nConnection: close\r\nAuthorization: Bearer {daemon.admin_token}\r\n"
+    status, _, body = await exchange(daemon, raw.encode() + b"X-Latin: caf\xe9\r\n\r\n")
+    assert status == 400
+    assert "UTF-8" in json.loads(body)["detail"]
 
 
 async def test_invalid_private_value_is_400(daemon: Daemon, client: aiohttp.ClientSession) -> None:
