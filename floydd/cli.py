@@ -210,17 +210,18 @@ def _env_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token_create(settings: Settings, args: argparse.Namespace) -> int:
-    async def create(tokens: TokenStore) -> str:
-        token, record = await tokens.create(args.name, admin=args.admin)
-        return token
+    async def create(tokens: TokenStore) -> tuple[str, TokenRecord]:
+        return await tokens.create(args.name, admin=args.admin)
 
     try:
-        token = uvloop.run(_with_tokens(settings, create))
+        token, record = uvloop.run(_with_tokens(settings, create))
     except FloyddError as exc:
         print(f"floydd: {exc.detail}", file=sys.stderr)
         return 1
     # Only the token goes to stdout, so that `TOKEN=$(floydd token create ...)` works.
     print(token)
+    role = "admin" if record.is_admin else "user"
+    print(f"floydd: created token {record.id} for {role} {record.user_name!r}; it is shown only once", file=sys.stderr)
     return 0
 
 

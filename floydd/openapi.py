@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from floydd import __version__
+from floydd.uploads import ARCHIVE_TYPES
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -57,6 +58,19 @@ JOB_ID_PARAMETER: Schema = {
 
 JOB_STATES = ["queued", "starting", "serving", "running", "succeeded", "failed", "stopped", "timed_out"]
 _STATE = f"({'|'.join(JOB_STATES)})"
+
+# Fields of an upload whose body is the archive itself; multipart uploads send them as parts instead.
+RAW_UPLOAD_PARAMETERS: list[Schema] = [
+    {"name": name, "in": "query", "required": False, "description": description, "schema": {"type": "string"}}
+    for name, description in [
+        ("mode", "serve or command (default)"),
+        ("command", "command mode only: the shell command to run"),
+        ("env", "an environment from the config"),
+        ("max_uptime", "90, 90s, 30m, 12h or 7d"),
+        ("private", "true or false (default)"),
+        ("filename", "the archive's file name, for the log"),
+    ]
+]
 
 SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -134,7 +148,21 @@ PATHS: dict[str, Schema] = {
         "post": {
             "operationId": "createJob",
             "summary": "Upload a project and start a job",
-            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": ref("Submission")}}},
+            "description": (
+                "Send the project either as the `code` part of a multipart form with the other fields as parts, "
+                "or as the whole body with an archive content type and the fields in the query string."
+            ),
+            "parameters": RAW_UPLOAD_PARAMETERS,
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": ref("Submission")},
+                    **{
+                        content_type: {"schema": {"type": "string", "contentMediaType": content_type}}
+                        for content_type in sorted(ARCHIVE_TYPES)
+                    },
+                },
+            },
             "responses": {
                 "201": {
                     **json_body(ref("Job"), "the new job"),
