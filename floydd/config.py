@@ -81,7 +81,7 @@ class UploadSettings:
 @dataclass(frozen=True)
 class ProxySettings:
     # Requests that may wait for one job besides those in flight; more get 503.
-    # 0 sizes each job's queue as 10 times its concurrency, at least 10.
+    # 0 sizes each job's queue as 10 times its concurrency, at least 20.
     max_queue_depth: int = 0
     # Longest wait in the queue, start-up included, before a 503.
     queue_timeout_s: float = 300.0

@@ -25,13 +25,18 @@ __all__ = ["Admission", "JobQueue", "QueueRegistry", "Upstream", "default_queue_
 SERVICE_TIME_WEIGHT = 0.2
 
 
-def default_queue_depth(concurrency: int) -> int:
-    """Return the queue depth used when the config sets none: 10 per slot, at least 10.
+# A floor of 20 lets a crowd of 20 clients wait for a one-at-a-time app
+# instead of being rejected as busy.
+MIN_QUEUE_DEPTH = 20
 
-    This follows the default of Knative's queue-proxy, which allows 10 queued
-    requests per unit of container concurrency.
+
+def default_queue_depth(concurrency: int) -> int:
+    """Return the queue depth used when the config sets none: 10 per slot, at least MIN_QUEUE_DEPTH.
+
+    The 10 per slot follows the default of Knative's queue-proxy, which allows
+    10 queued requests per unit of container concurrency.
     """
-    return max(10, 10 * concurrency)
+    return max(MIN_QUEUE_DEPTH, 10 * concurrency)
 
 
 class Admission:
