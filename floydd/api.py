@@ -9,6 +9,7 @@ import shlex
 import shutil
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -26,7 +27,7 @@ from floydd.uploads import Submission, UnpackLimits, receive_submission, unpack_
 
 log = structlog.get_logger(__name__)
 
-SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime", "private"})
+SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime", "concurrency", "private"})
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 # Larger than any max_uptime_limit_s, and small enough that float-to-int stays exact.
 _MAX_DURATION_S = 10 * 365 * 86400
@@ -177,7 +178,11 @@ class JobsApi:
         if "max_uptime" in fields:
             max_uptime_s = parse_duration(fields["max_uptime"])
         max_uptime_s = min(max_uptime_s, self._settings.jobs.max_uptime_limit_s)
-        private = _parse_private(fields.get("private", "false"))
+        options: dict[str, Any] = {}
+        if "concurrency" in fields:
+            options["concurrency"] = self._parse_concurrency(fields["concurrency"], mode)
+        if _parse_private(fields.get("private", "false")):
+            options["private"] = True
         created_at = utcnow()
         return Job(
             id=job_id,
@@ -189,8 +194,20 @@ class JobsApi:
             deadline=created_at + timedelta(seconds=max_uptime_s),
             command=command if mode is JobMode.COMMAND else None,
             owner=user.name,
-            options={"private": True} if private else {},
+            options=options,
         )
+
+    def _parse_concurrency(self, text: str, mode: JobMode) -> int:
+        """Parse the requests a serve job takes at once; values over proxy.max_concurrency are capped."""
+        if mode is not JobMode.SERVE:
+            raise InvalidRequest("concurrency applies to serve mode only")
+        try:
+            concurrency = int(text)
+        except ValueError:
+            concurrency = 0
+        if concurrency < 1:
+            raise InvalidRequest(f"invalid concurrency {text!r}: use a whole number of at least 1")
+        return min(concurrency, self._settings.proxy.max_concurrency)
 
     async def list(self, request: web.Request) -> web.Response:
         states = None

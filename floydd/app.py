@@ -13,8 +13,9 @@ from floydd.admission import guard_routes, unknown_api_routes
 from floydd.api import JobsApi, error_middleware
 from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore, auth_middleware
 from floydd.config import Settings
+from floydd.metrics import ProxyMetrics
 from floydd.openapi import openapi_routes
-from floydd.proxy import Proxy
+from floydd.proxy import Proxy, no_automatic_continue
 from floydd.queue import QueueRegistry
 from floydd.runtime import DockerRuntime
 from floydd.store import JobStore
@@ -47,13 +48,15 @@ def build_app(settings: Settings) -> web.Application:
         supervisor,
     )
     api = JobsApi(settings, supervisor, runtime, store)
-    proxy = Proxy(settings.proxy, queues, store)
+    metrics = ProxyMetrics(queues, store)
+    proxy = Proxy(settings.proxy, queues, store, metrics, settings.state_path / "spool")
     # Every /api route, the catch-all for unknown ones included, authenticates before `100 Continue`.
     app.router.add_routes(guard_routes(api.routes()))
     app.router.add_routes(guard_routes(openapi_routes()))
     app.router.add_routes(unknown_api_routes())
-    app.router.add_route("*", "/expose/{job_id}", proxy.handle)
-    app.router.add_route("*", "/expose/{job_id}/{tail:.*}", proxy.handle)
+    app.router.add_get("/metrics", metrics.handle)
+    for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
+        app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)
     app.cleanup_ctx.append(_lifetime)
     return app
 

@@ -68,6 +68,7 @@ RAW_UPLOAD_PARAMETERS: list[Schema] = [
         ("env", "an environment from the config"),
         ("max_uptime", "90, 90s, 30m, 12h or 7d"),
         ("private", "true or false (default)"),
+        ("concurrency", "serve mode only: requests the app takes at once"),
         ("filename", "the archive's file name, for the log"),
     ]
 ]
@@ -125,6 +126,11 @@ SCHEMAS: dict[str, Schema] = {
             "env": {"type": "string", "description": "an environment from the config"},
             "max_uptime": {"type": "string", "description": "90, 90s, 30m, 12h or 7d", "examples": ["2h"]},
             "private": {"type": "string", "enum": ["true", "false"], "default": "false"},
+            "concurrency": {
+                "type": "string",
+                "description": "serve mode only: a whole number of requests the app takes at once, "
+                "capped by proxy.max_concurrency",
+            },
         },
     },
 }

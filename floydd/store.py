@@ -148,6 +148,12 @@ class JobStore:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
+    async def count_by_state(self) -> dict[str, int]:
+        """Return how many jobs are in each state that has any."""
+        async with self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cursor:
+            rows = await cursor.fetchall()
+        return {str(state): int(count) for state, count in rows}
+
 
 async def _migrate(connection: aiosqlite.Connection) -> None:
     async with connection.execute("PRAGMA user_version") as cursor:

@@ -109,6 +109,11 @@ async def create_token(state_dir: Path, *args: str, config: Path = CONFIG) -> st
     return stdout.decode().strip()
 
 
+def admin_headers(daemon: Daemon) -> dict[str, str]:
+    """Return the header that authenticates as the daemon's admin, for sessions without `send_admin_token`."""
+    return {"Authorization": f"Bearer {daemon.admin_token}"}
+
+
 async def send_admin_token(
     request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
 ) -> aiohttp.ClientResponse:
@@ -193,7 +198,7 @@ async def submit(
     for name, value in fields.items():
         form.add_field(name, value)
     form.add_field("code", archive, filename=filename, content_type="application/gzip")
-    async with client.post(f"{daemon.url}/api/v1/jobs", data=form) as response:
+    async with client.post(f"{daemon.url}/api/v1/jobs", data=form, headers=admin_headers(daemon)) as response:
         return response.status, await response.json()
 
 
@@ -204,7 +209,7 @@ async def submit_ok(client: aiohttp.ClientSession, daemon: Daemon, folder: Path,
 
 
 async def get_job(client: aiohttp.ClientSession, daemon: Daemon, job_id: str) -> dict[str, Any]:
-    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}") as response:
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}", headers=admin_headers(daemon)) as response:
         assert response.status == 200
         body: dict[str, Any] = await response.json()
         return body
@@ -228,7 +233,7 @@ async def wait_for_state(
 
 
 async def get_logs(client: aiohttp.ClientSession, daemon: Daemon, job_id: str) -> str:
-    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}/logs") as response:
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}/logs", headers=admin_headers(daemon)) as response:
         assert response.status == 200
         return await response.text()
 
