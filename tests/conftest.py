@@ -117,7 +117,7 @@ def admin_headers(daemon: Daemon) -> dict[str, str]:
 async def send_admin_token(
     request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
 ) -> aiohttp.ClientResponse:
-    """Client middleware: authenticate as the admin of the daemon a request goes to, unless told otherwise."""
+    """Client middleware: send the admin token of the daemon a request goes to, unless it has its own."""
     token = ADMIN_TOKENS.get(str(request.url.origin()))
     if token and "Authorization" not in request.headers:
         request.headers["Authorization"] = f"Bearer {token}"

@@ -46,8 +46,8 @@ def zeros_tar_gz(path: Path, name: str, size: int) -> Path:
         for _ in range(size // SEGMENT_ZEROS + 1):
             output.write(segment)
         output.write(_DEFLATE_END)
-        # NOTE: the CRC is not computed (it would mean hashing every zero); a reader that
-        # unpacked all of it would fail at the trailer, but floydd must stop at the header.
+        # NOTE: the CRC is left at 0 because computing it means hashing every zero. A reader
+        # that unpacked everything would fail at the trailer, but floydd must stop at the header.
         unpacked = len(header) + size + SEGMENT_ZEROS
         output.write(struct.pack("<II", 0, unpacked & 0xFFFFFFFF))
     return path

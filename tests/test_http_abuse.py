@@ -252,7 +252,7 @@ async def test_stalled_body_is_408(impatient_daemon: Daemon) -> None:
     assert list((impatient_daemon.state_dir / "uploads").glob("*")) == []
 
 
-async def test_user_token_over_job_limit_gets_429_before_body(tmp_path: Path, docker_engine: None) -> None:
+async def test_job_limit_429_before_body(tmp_path: Path, docker_engine: None) -> None:
     daemon = await start_daemon(tmp_path / "state", env={"FLOYDD_LIMITS_MAX_RUNNING_JOBS": "1"})
     try:
         token = await create_token(daemon.state_dir, "carol")
