@@ -23,6 +23,7 @@ from floydd.config import ConfigError, Settings, load_settings
 from floydd.errors import FloyddError
 from floydd.log import configure_logging
 from floydd.store import JobStore
+from floydd.systemd import notify_ready, notify_status, notify_stopping
 
 log = structlog.get_logger(__name__)
 _T = TypeVar("_T")
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=["auto", "json", "console"],
         default="auto",
-        help="json lines, readable console lines, or auto: console on a terminal (default)",
+        help="json lines, readable console lines, or auto (default): console on a terminal or in the "
+        "systemd journal, json otherwise",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -135,6 +137,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         uvloop.run(_run_server(settings, listener))
     except StartupFailed as exc:
         log.error("floydd_start_failed", error=str(exc))
+        notify_status(f"start-up failed: {exc}")
         return EXIT_STARTUP
     return 0
 
@@ -171,6 +174,7 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
         # opens and closes it if no complete request head arrived: the header timeout.
         keepalive_timeout=server.keepalive_timeout_s,
     )
+    notify_status("opening the database and adopting running containers")
     try:
         await runner.setup()
     except Exception as exc:
@@ -182,8 +186,12 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     site = web.SockSite(runner, listener)
     await site.start()
     log.info("floydd_listening", host=settings.server.host, port=settings.server.port, url=settings.base_url())
+    # runner.setup() ran the app's start-up (database open, containers
+    # reconciled) and the socket accepts connections, so floydd is ready.
+    notify_ready(f"listening on {settings.base_url()}")
     await stop.wait()
     log.info("floydd_stopping", grace_s=settings.server.shutdown_grace_s)
+    notify_stopping(f"finishing requests in flight, up to {settings.server.shutdown_grace_s:g} s")
     await runner.cleanup()
 
 

@@ -60,7 +60,12 @@ install -d -m 0750 "$state_dir"
 
 if pid1_is_systemd; then
     systemctl daemon-reload
-    start_hint="systemctl enable --now floydd"
+    if systemctl is-active --quiet floydd; then
+        # Job containers keep running across the restart and are adopted again.
+        start_hint="systemctl restart floydd   (the running floydd is the previous version)"
+    else
+        start_hint="systemctl enable --now floydd"
+    fi
 else
     step "PID 1 is not systemd, so the unit is installed but cannot be started here"
     start_hint="$venv/bin/floydd serve --config $config"
