@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from yarl import URL
 
+from floydd.openapi import openapi_document
 from tests.conftest import Daemon, create_token, remove_job_containers, start_daemon
 from tests.hostile import tar_gz_bytes
 
@@ -160,6 +161,28 @@ async def test_expect_final_status_before_body(
     assert "error" in error_of(body)
     if status == 401:
         assert headers["www-authenticate"].startswith("Bearer")
+
+
+def described_operations() -> list[tuple[str, str]]:
+    """Return every (METHOD, path) of the OpenAPI description, which a test keeps equal to the routes."""
+    operations = []
+    for path, item in openapi_document()["paths"].items():
+        for method in item:
+            if method != "parameters":
+                operations.append((method.upper(), path.replace("{job_id}", "0" * 32)))
+    return operations
+
+
+@pytest.mark.parametrize(("method", "path"), described_operations())
+async def test_every_route_authenticates_before_continue(daemon: Daemon, method: str, path: str) -> None:
+    reader, writer = await connect(daemon)
+    try:
+        writer.write(expect_request(method, path, 50 * 1024**2, None))
+        code, headers, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert code == 401
+    assert headers["www-authenticate"].startswith("Bearer")
 
 
 async def test_expect_continue_when_admitted(daemon: Daemon) -> None:
