@@ -139,6 +139,7 @@ class Bench:
         settings = {
             "rounds": f"{self.args.rounds} × {self.args.round_seconds:g} s per path and concurrency",
             "open-file limit": str(open_files),
+            "net.core.somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
         }
         return Results(
             command=self.command,
@@ -216,10 +217,13 @@ class Bench:
         return transfers
 
     async def crowd(self) -> Crowd:
+        profile_output = None if "profile" in self.args.skip else self.results_dir / "floydd-crowd.collapsed.txt"
         crowd = await measure_crowd(
             self.floydd, self.job_id, self.args.crowd_clients, max(100, self.args.crowd_clients),
-            self.args.crowd_timeout,
+            self.args.crowd_timeout, profile_output,
         )  # fmt: skip
+        if profile_output is not None:
+            crowd.profile = summarize_collapsed(profile_output)
         say(f"crowd: {dict(crowd.statuses)}, max waiting {crowd.max_waiting}, RSS max {crowd.daemon_rss_max_kib} KiB")
         return crowd
 

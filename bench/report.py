@@ -122,7 +122,11 @@ The other measurements use the same daemon and job:
   sends one `GET /hello` with `Connection: close`; each client ends with its
   status code or the error that ended it. The queue depth is raised with
   `FLOYDD_PROXY_MAX_QUEUE_DEPTH`, and the open-file limit of the harness and
-  the daemon is raised with `setrlimit`.
+  the daemon is raised with `setrlimit`. All clients connect in the same
+  instant, so the daemon's listen backlog (`listen(1024)` in floydd/cli.py,
+  capped by `net.core.somaxconn`) overflows: the kernel drops the handshakes
+  it has no room for and TCP retransmits them seconds later. This causes the
+  gap between the 99 % and the last finish time, and any connection resets.
 - **Cold start**: from the upload (`POST /api/v1/jobs`) to the first 200 from
   `/hello` through floydd, against `docker run --init -p 127.0.0.1::5000 -v
   CODE:/code` of the same files on the same image followed by polling the
@@ -235,7 +239,7 @@ def _render_transfers(transfers: list[Transfer]) -> list[str]:
 
 def _render_crowd(crowd: Crowd) -> list[str]:
     outcomes = ", ".join(f"{status}: {count}" for status, count in sorted(crowd.statuses.items()))
-    return [
+    lines = [
         f"## {crowd.clients:,} clients waiting on one job",
         "",
         "| | |",
@@ -244,7 +248,10 @@ def _render_crowd(crowd: Crowd) -> list[str]:
         f"| outcomes | {outcomes} |",
         f"| clients neither served nor rejected with 503 | {crowd.unanswered} |",
         f"| most requests sent and unanswered at once | {crowd.max_waiting:,} |",
+        f"| time until the last connection was accepted | {_fmt(crowd.last_connect_s)} s |",
+        f"| time until 99 % of the clients finished | {_fmt(crowd.p99_finish_s)} s |",
         f"| time until the last client finished | {_fmt(crowd.seconds)} s |",
+        f"| daemon CPU time over the run | {_fmt(crowd.daemon_cpu_s)} s |",
         f"| daemon RSS before / max | {_fmt(crowd.daemon_rss_before_kib / 1024)} / "
         f"{_fmt(crowd.daemon_rss_max_kib / 1024)} MiB |",
         f"| daemon RSS per waiting client | "
@@ -252,6 +259,13 @@ def _render_crowd(crowd: Crowd) -> list[str]:
         f"| daemon open files, max | {crowd.daemon_fds_max:,} |",
         "",
     ]
+    if crowd.profile is not None:
+        lines += [
+            f"py-spy over 10 s while the clients wait ({crowd.profile.samples} event-loop samples):",
+            "",
+            *_profile_table(crowd.profile, "Python function", 8),
+        ]
+    return lines
 
 
 def _render_cold_start(cold: ColdStart) -> list[str]:

@@ -16,6 +16,7 @@ import aiodocker
 import aiohttp
 
 from bench.procstat import RssSampler, cpu_seconds, memory_kib, open_fds
+from bench.profiling import ProfileSummary, record
 from bench.services import LOOPBACK, BenchError, Floydd, bench_app_archive, write_bench_app
 
 MIB = 1024 * 1024
@@ -116,17 +117,27 @@ class Crowd:
     daemon_rss_before_kib: int
     daemon_rss_max_kib: int
     daemon_fds_max: int
+    daemon_cpu_s: float
+    # Seconds from the start until the last client's connection was accepted.
+    last_connect_s: float
+    # Seconds from the start until 99 % of the clients had finished, served or not.
+    p99_finish_s: float
+    profile: ProfileSummary | None = None
 
     @property
     def unanswered(self) -> int:
         return sum(count for status, count in self.statuses.items() if status not in ("200", "503"))
 
 
-async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: int, timeout_s: float) -> Crowd:
+async def measure_crowd(
+    floydd: Floydd, job_id: str, clients: int, queue_depth: int, timeout_s: float, profile_output: Path | None = None
+) -> Crowd:
     """Open `clients` connections at once, each sending one GET /hello, and count how each ends.
 
     Raw sockets show the status line exactly as sent. Each client is counted
     under its status code, or under the name of the error that ended it.
+    With `profile_output`, py-spy records the daemon for 10 s once the clients
+    have had 3 s to connect.
     """
     port = int(floydd.url.rsplit(":", 1)[1])
     request = (f"GET /expose/{job_id}/hello HTTP/1.1\r\nHost: {LOOPBACK}:{port}\r\nConnection: close\r\n\r\n").encode()
@@ -134,14 +145,17 @@ async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: 
     waiting = 0
     max_waiting = 0
     fds_max = 0
+    last_connect_s = 0.0
+    finish_times: list[float] = []
 
     async def one_client() -> None:
-        nonlocal waiting, max_waiting
+        nonlocal waiting, max_waiting, last_connect_s
         try:
             reader, writer = await asyncio.open_connection(LOOPBACK, port)
         except OSError as exc:
             statuses[f"connect {type(exc).__name__}"] += 1
             return
+        last_connect_s = max(last_connect_s, time.monotonic() - started)
         try:
             writer.write(request)
             await writer.drain()
@@ -157,6 +171,7 @@ async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: 
         except OSError as exc:
             statuses[type(exc).__name__] += 1
         finally:
+            finish_times.append(time.monotonic() - started)
             writer.close()
 
     async def sample_fds() -> None:
@@ -166,8 +181,10 @@ async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: 
             await asyncio.sleep(0.2)
 
     rss_before = memory_kib(floydd.pid)["VmRSS"]
+    cpu_before = cpu_seconds(floydd.pid)
     started = time.monotonic()
     fd_task = asyncio.create_task(sample_fds())
+    profiler = asyncio.create_task(_profile_later(floydd.pid, profile_output)) if profile_output else None
     async with RssSampler(floydd.pid, interval_s=0.2) as sampler:
         tasks = [asyncio.create_task(one_client()) for _ in range(clients)]
         done, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -177,6 +194,8 @@ async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: 
         statuses["unfinished at deadline"] += len(pending)
     fd_task.cancel()
     await asyncio.gather(fd_task, return_exceptions=True)
+    if profiler is not None:
+        await profiler
     if not statuses["unfinished at deadline"]:
         del statuses["unfinished at deadline"]
     return Crowd(
@@ -188,7 +207,15 @@ async def measure_crowd(floydd: Floydd, job_id: str, clients: int, queue_depth: 
         daemon_rss_before_kib=rss_before,
         daemon_rss_max_kib=sampler.max_kib,
         daemon_fds_max=fds_max,
+        daemon_cpu_s=cpu_seconds(floydd.pid) - cpu_before,
+        last_connect_s=last_connect_s,
+        p99_finish_s=sorted(finish_times)[int(0.99 * (len(finish_times) - 1))] if finish_times else float("nan"),
     )
+
+
+async def _profile_later(pid: int, output: Path) -> None:
+    await asyncio.sleep(3)
+    await record(pid, 10, output, "raw", native=False)
 
 
 # Cold start
@@ -315,6 +342,7 @@ async def measure_idle_jobs(
     count, limited_by = affordable_jobs(requested, container_mib, reserve_mib)
     archive = bench_app_archive()
     rss_before = memory_kib(floydd.pid)["VmRSS"]
+    cpu_before = cpu_seconds(floydd.pid)
     started = time.monotonic()
     # Ten uploads at a time keep the Docker engine, shared with other users, responsive.
     gate = asyncio.Semaphore(10)
