@@ -139,7 +139,6 @@ class Bench:
         settings = {
             "rounds": f"{self.args.rounds} × {self.args.round_seconds:g} s per path and concurrency",
             "open-file limit": str(open_files),
-            "net.core.somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
         }
         return Results(
             command=self.command,

@@ -51,6 +51,7 @@ def environment() -> dict[str, str]:
         "CPU": f"{_cpu_model()}, {os.cpu_count()} logical CPUs (nproc {_first_line(['nproc'])})",
         "memory": f"{_memory_gib():.1f} GiB",
         "kernel": platform.release(),
+        "net.core.somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
         "floydd": _package_version("floydd"),
         "Python": platform.python_version(),
         "aiohttp": _package_version("aiohttp"),

@@ -192,6 +192,7 @@ async def measure_crowd(
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         statuses["unfinished at deadline"] += len(pending)
+        seconds = time.monotonic() - started
     fd_task.cancel()
     await asyncio.gather(fd_task, return_exceptions=True)
     if profiler is not None:
@@ -203,7 +204,7 @@ async def measure_crowd(
         queue_depth=queue_depth,
         statuses=statuses,
         max_waiting=max_waiting,
-        seconds=time.monotonic() - started,
+        seconds=seconds,
         daemon_rss_before_kib=rss_before,
         daemon_rss_max_kib=sampler.max_kib,
         daemon_fds_max=fds_max,
@@ -318,11 +319,37 @@ def memory_available_kib() -> int:
 
 
 async def container_memory_mib(container_name: str) -> float:
+    """Return the container's memory use less its page cache, from the Docker stats API.
+
+    Some engines return empty memory_stats for some containers; then the RSS
+    of the container's process tree, read from /proc, stands in.
+    """
     async with aiodocker.Docker() as docker:
-        stats = await docker.containers.container(container_name).stats(stream=False)
-    entry = stats[0] if isinstance(stats, list) else stats
-    usage = entry["memory_stats"]["usage"] - entry["memory_stats"].get("stats", {}).get("inactive_file", 0)
-    return float(usage) / MIB
+        container = docker.containers.container(container_name)
+        for _ in range(3):
+            stats = await container.stats(stream=False)
+            entry = stats[0] if isinstance(stats, list) else stats
+            memory = entry.get("memory_stats") or {}
+            if memory.get("usage"):
+                cache = memory.get("stats", {}).get("inactive_file", 0)
+                return float(memory["usage"] - cache) / MIB
+            await asyncio.sleep(1)
+        info = await container.show()
+    return process_tree_rss_kib(int(info["State"]["Pid"])) / 1024
+
+
+def process_tree_rss_kib(pid: int) -> int:
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += memory_kib(current).get("VmRSS", 0)
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total
 
 
 def affordable_jobs(requested: int, container_mib: float, reserve_mib: float) -> tuple[int, str]:
