@@ -132,7 +132,7 @@ The other measurements use the same daemon and job:
   `/hello` through floydd, against `docker run --init -p 127.0.0.1::5000 -v
   CODE:/code` of the same files on the same image followed by polling the
   published port every 20 ms. The two alternate.
-- **Idle jobs**: serve jobs of the same app are started ten uploads at a time;
+- **Idle jobs**: serve jobs of the same app are started four uploads at a time;
   once all serve, floydd's CPU use over a quiet window and its RSS are read.
   The number of jobs is capped by available memory (twice each container's
   measured size, keeping a reserve), and the table shows when the cap applied.
@@ -293,6 +293,8 @@ def _render_idle(idle: IdleJobs) -> list[str]:
         "| --- | --- |",
         f"| serve jobs serving (requested) | {idle.started + 1} ({idle.requested}) |",
         f"| count limited by | {idle.limited_by} |",
+        f"| jobs that did not reach serving | {idle.failed}{' (' + idle.first_failure + ')' if idle.failed else ''} |",
+        f"| uploads retried after a 503 | {idle.submissions_retried} |",
         f"| one container's memory | {_fmt(idle.container_mib)} MiB |",
         f"| time until all served | {_fmt(idle.seconds_to_serving)} s |",
         f"| daemon CPU while idle | {_fmt(idle.daemon_cpu_percent, 2)} % of one core over {_fmt(idle.window_s)} s |",

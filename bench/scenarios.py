@@ -22,6 +22,7 @@ from bench.services import LOOPBACK, BenchError, Floydd, bench_app_archive, writ
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 UPLOAD_CHUNK_BYTES = MIB
+SUBMIT_ATTEMPTS = 5
 
 
 # Large bodies
@@ -309,6 +310,11 @@ class IdleJobs:
     daemon_rss_kib: int
     daemon_rss_before_kib: int
     daemon_fds: int
+    # Jobs that did not reach serving, and the first error among them.
+    failed: int
+    first_failure: str
+    # Uploads sent again after floydd rejected them with 503.
+    submissions_retried: int
 
 
 def memory_available_kib() -> int:
@@ -369,18 +375,30 @@ async def measure_idle_jobs(
     count, limited_by = affordable_jobs(requested, container_mib, reserve_mib)
     archive = bench_app_archive()
     rss_before = memory_kib(floydd.pid)["VmRSS"]
-    cpu_before = cpu_seconds(floydd.pid)
     started = time.monotonic()
-    # Ten uploads at a time keep the Docker engine, shared with other users, responsive.
-    gate = asyncio.Semaphore(10)
+    # Four uploads at a time: at ten, the shared Docker engine once took over 30 s to answer
+    # an image inspect, and floydd rejected the upload with 503.
+    gate = asyncio.Semaphore(4)
+    retried = 0
 
     async def start_one() -> str:
+        nonlocal retried
         async with gate:
-            job_id = await floydd.submit_serve_job(archive)
+            for attempt in range(SUBMIT_ATTEMPTS):
+                try:
+                    job_id = await floydd.submit_serve_job(archive)
+                    break
+                except BenchError as exc:
+                    if exc.status != 503 or attempt == SUBMIT_ATTEMPTS - 1:
+                        raise
+                    retried += 1
+                    await asyncio.sleep(5)
             await floydd.wait_serving(job_id, timeout_s=600)
             return job_id
 
-    job_ids = await asyncio.gather(*(start_one() for _ in range(count)))
+    outcomes = await asyncio.gather(*(start_one() for _ in range(count)), return_exceptions=True)
+    job_ids = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     seconds_to_serving = time.monotonic() - started
 
     # Let start-up work (readiness polls, log pumps catching up) settle before the idle window.
@@ -401,6 +419,9 @@ async def measure_idle_jobs(
         daemon_rss_kib=memory_kib(floydd.pid)["VmRSS"],
         daemon_rss_before_kib=rss_before,
         daemon_fds=open_fds(floydd.pid),
+        failed=len(failures),
+        first_failure=f"{type(failures[0]).__name__}: {failures[0]}" if failures else "",
+        submissions_retried=retried,
     )
 
 

@@ -30,6 +30,11 @@ INSTANCE_LABEL = "org.floydd.instance"
 class BenchError(RuntimeError):
     """A step of the benchmark that failed, so its numbers would mean nothing."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        # HTTP status of floydd's response, when the failure was one.
+        self.status = status
+
 
 def bench_app_files() -> dict[str, bytes]:
     """Return the files of the benchmark app: the example renamed to example_app.py, styles.py, the bench app.
@@ -141,7 +146,7 @@ class Floydd:
         async with self.session.post(f"{self.url}/api/v1/jobs", data=form) as response:
             body = await response.json()
             if response.status != 201:
-                raise BenchError(f"job submission failed with {response.status}: {body}")
+                raise BenchError(f"job submission failed with {response.status}: {body}", status=response.status)
         return str(body["id"])
 
     async def job(self, job_id: str) -> dict[str, Any]:
