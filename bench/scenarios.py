@@ -22,7 +22,7 @@ from bench.services import LOOPBACK, BenchError, Floydd, bench_app_archive, writ
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 UPLOAD_CHUNK_BYTES = MIB
-SUBMIT_ATTEMPTS = 5
+SUBMIT_ATTEMPTS = 2
 
 
 # Large bodies
@@ -310,9 +310,9 @@ class IdleJobs:
     daemon_rss_kib: int
     daemon_rss_before_kib: int
     daemon_fds: int
-    # Jobs that did not reach serving, and the first error among them.
+    # Jobs that did not reach serving, and the error after which no more were submitted.
     failed: int
-    first_failure: str
+    stopped_by: str
     # Uploads sent again after floydd rejected them with 503.
     submissions_retried: int
 
@@ -380,21 +380,26 @@ async def measure_idle_jobs(
     # an image inspect, and floydd rejected the upload with 503.
     gate = asyncio.Semaphore(4)
     retried = 0
+    stopped_by = ""
 
-    async def start_one() -> str:
-        nonlocal retried
+    async def start_one() -> str | None:
+        nonlocal retried, stopped_by
         async with gate:
+            # After one job fails for good, the rest would fail the same way, one timeout at a time.
+            if stopped_by:
+                return None
             for attempt in range(SUBMIT_ATTEMPTS):
                 try:
                     job_id = await floydd.submit_serve_job(archive)
-                    break
+                    await floydd.wait_serving(job_id, timeout_s=600)
+                    return job_id
                 except BenchError as exc:
                     if exc.status != 503 or attempt == SUBMIT_ATTEMPTS - 1:
+                        stopped_by = stopped_by or str(exc)
                         raise
                     retried += 1
                     await asyncio.sleep(5)
-            await floydd.wait_serving(job_id, timeout_s=600)
-            return job_id
+            return None
 
     outcomes = await asyncio.gather(*(start_one() for _ in range(count)), return_exceptions=True)
     job_ids = [outcome for outcome in outcomes if isinstance(outcome, str)]
@@ -420,7 +425,7 @@ async def measure_idle_jobs(
         daemon_rss_before_kib=rss_before,
         daemon_fds=open_fds(floydd.pid),
         failed=len(failures),
-        first_failure=f"{type(failures[0]).__name__}: {failures[0]}" if failures else "",
+        stopped_by=stopped_by,
         submissions_retried=retried,
     )
 
