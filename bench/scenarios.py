@@ -404,6 +404,8 @@ async def measure_idle_jobs(
     outcomes = await asyncio.gather(*(start_one() for _ in range(count)), return_exceptions=True)
     job_ids = [outcome for outcome in outcomes if isinstance(outcome, str)]
     failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    if stopped_by:
+        limited_by = "a job that failed to start, after which no more were submitted"
     seconds_to_serving = time.monotonic() - started
 
     # Let start-up work (readiness polls, log pumps catching up) settle before the idle window.
