@@ -91,10 +91,10 @@ METHOD = """\
 ## Method
 
 One `floydd serve --port 0` daemon with a temporary state directory runs one
-serve job of the benchmark app: the style-transfer example from
-`examples/style-transfer` plus the routes in `bench/app/app.py` (`/hello`
-returns 6 bytes, `/sink` reads an upload in 1 MiB chunks, `/source` streams
-zeros). Werkzeug's per-request log lines are switched off in the app, so the
+serve job of the benchmark app. That app is the style-transfer example from
+`examples/style-transfer` plus the routes in `bench/app/app.py`: `/hello`
+returns 6 bytes, `/sink` reads an upload in 1 MiB chunks, and `/source`
+streams zeros. Werkzeug's per-request log lines are switched off in the app, so the
 app's stdout does not add log-pump work to the daemon during the rounds. The
 same container is then reached three ways:
 
