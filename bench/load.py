@@ -1,0 +1,92 @@
+"""Closed-loop HTTP load with wrk, and the per-path rounds of the comparison."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.procstat import cpu_seconds
+
+WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
+WRK_MARKER = "WRK_JSON "
+
+
+@dataclass(frozen=True)
+class Round:
+    """One wrk run against one path at one concurrency."""
+
+    path: str
+    connections: int
+    requests: int
+    duration_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    # CPU seconds of the process in front of the app (floydd or HAProxy) per request, if one was measured.
+    proxy_cpu_us_per_request: float | None = None
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.duration_s if self.duration_s else 0.0
+
+
+@dataclass
+class Summary:
+    """Medians over the rounds of one path at one concurrency."""
+
+    path: str
+    connections: int
+    rounds: list[Round] = field(default_factory=list)
+
+    def median(self, attribute: str) -> float:
+        values = [getattr(item, attribute) for item in self.rounds]
+        values = [value for value in values if value is not None]
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def errors(self) -> int:
+        return sum(item.errors for item in self.rounds)
+
+
+async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_pid: int | None = None) -> Round:
+    """Run wrk for `duration_s` seconds with `connections` keep-alive connections against `url`."""
+    # Two threads at most: the machine this was written for has two cores, shared with the servers.
+    threads = min(connections, 2)
+    command = [
+        "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "30s",
+        "-s", str(WRK_SCRIPT), url,
+    ]  # fmt: skip
+    cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    async with asyncio.timeout(duration_s + 60):
+        output, _ = await process.communicate()
+    cpu_used = cpu_seconds(cpu_pid) - cpu_before if cpu_pid else None
+    text = output.decode(errors="replace")
+    report = _parse_report(text, command)
+
+    requests = int(report["requests"])
+    errors = sum(int(count) for count in report["errors"].values())
+    return Round(
+        path=path,
+        connections=connections,
+        requests=requests,
+        duration_s=report["duration_us"] / 1e6,
+        p50_ms=report["latency_us"]["p50"] / 1000,
+        p99_ms=report["latency_us"]["p99"] / 1000,
+        errors=errors,
+        proxy_cpu_us_per_request=(cpu_used / requests * 1e6) if cpu_used is not None and requests else None,
+    )
+
+
+def _parse_report(text: str, command: list[str]) -> dict[str, Any]:
+    for line in text.splitlines():
+        if line.startswith(WRK_MARKER):
+            report: dict[str, Any] = json.loads(line[len(WRK_MARKER) :])
+            return report
+    raise RuntimeError(f"wrk printed no report ({' '.join(command)}):\n{text[-2000:]}")

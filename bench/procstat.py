@@ -1,0 +1,67 @@
+"""Memory and CPU readings of one process from /proc (Linux only)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """Return VmRSS and VmHWM (peak RSS since the process started) in KiB."""
+    values: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0])
+    return values
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return user plus system CPU time of the process, threads included."""
+    # The command name in field 2 may contain spaces, so split after its closing bracket.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / CLOCK_TICKS
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class RssSampler:
+    """Samples a process's VmRSS in the background and keeps the maximum."""
+
+    pid: int
+    interval_s: float = 0.05
+    baseline_kib: int = 0
+    max_kib: int = 0
+    _task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RssSampler:
+        self.baseline_kib = memory_kib(self.pid)["VmRSS"]
+        self.max_kib = self.baseline_kib
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._sample()
+
+    @property
+    def growth_kib(self) -> int:
+        return self.max_kib - self.baseline_kib
+
+    def _sample(self) -> None:
+        self.max_kib = max(self.max_kib, memory_kib(self.pid)["VmRSS"])
+
+    async def _run(self) -> None:
+        while True:
+            self._sample()
+            await asyncio.sleep(self.interval_s)

@@ -1,0 +1,348 @@
+"""The machine and versions behind a run, and the docs/benchmarks.md page written from the results."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.load import Summary
+from bench.profiling import FloyddProfile, ProfileSummary
+from bench.scenarios import ColdStart, Crowd, IdleJobs, Transfer, median
+
+
+def _first_line(command: list[str]) -> str:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    except OSError as exc:
+        return f"unavailable ({exc.strerror})"
+    text = (result.stdout or result.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, str]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "CPU": f"{_cpu_model()}, {os.cpu_count()} logical CPUs (nproc {_first_line(['nproc'])})",
+        "memory": f"{_memory_gib():.1f} GiB",
+        "kernel": platform.release(),
+        "net.core.somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
+        "floydd": _package_version("floydd"),
+        "Python": platform.python_version(),
+        "aiohttp": _package_version("aiohttp"),
+        "uvloop": _package_version("uvloop"),
+        "httptools": _package_version("httptools"),
+        "HAProxy": _first_line(["haproxy", "-v"]),
+        "Docker": _first_line(["docker", "version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})"]),
+        "wrk": _first_line(["wrk", "-v"]),
+        "py-spy": _first_line([_py_spy_or_name(), "--version"]),
+    }
+
+
+def _py_spy_or_name() -> str:
+    from bench.profiling import py_spy_path
+
+    try:
+        return py_spy_path()
+    except RuntimeError:
+        return "py-spy"
+
+
+@dataclass
+class Results:
+    command: str
+    settings: dict[str, str]
+    environment: dict[str, str]
+    summaries: list[Summary]
+    transfers: list[Transfer]
+    crowd: Crowd | None
+    cold_start: ColdStart | None
+    idle_jobs: IdleJobs | None
+    profiles: dict[int, FloyddProfile]
+    notes: list[str]
+
+
+METHOD = """\
+## Method
+
+One `floydd serve --port 0` daemon with a temporary state directory runs one
+serve job of the benchmark app. That app is the style-transfer example from
+`examples/style-transfer` plus the routes in `bench/app/app.py`: `/hello`
+returns 6 bytes, `/sink` reads an upload in 1 MiB chunks, and `/source`
+streams zeros. Werkzeug's per-request log lines are switched off in the app, so the
+app's stdout does not add log-pump work to the daemon during the rounds. The
+same container is then reached three ways:
+
+- **direct**: its port published by Docker on 127.0.0.1 (through docker-proxy,
+  like the other two paths);
+- **HAProxy**: HAProxy from Debian's packages on 127.0.0.1 with
+  `server app 127.0.0.1:PORT maxconn 1` and `timeout queue 300s`, the classic
+  way to send one request at a time to a backend;
+- **floydd**: `/expose/<job id>/hello`, through floydd's per-job queue.
+
+Load comes from wrk (closed loop, keep-alive connections, at most two
+threads). For each concurrency, every round runs each path once, and the
+order of the paths rotates from round to round, so drift on a shared machine
+falls on every path alike. Tables show the median over the rounds. "Proxy CPU"
+is the CPU time (user plus system, from `/proc/<pid>/stat`) that floydd or
+HAProxy spent during the round, divided by the requests served. With one
+client nothing waits in a queue, so the floydd/direct ratio at one client is
+the cost of the proxy alone.
+
+The other measurements use the same daemon and job:
+
+- **Large bodies**: 1 GiB of zeros up to `/sink` and down from `/source`,
+  directly and through floydd; the daemon's VmRSS is sampled every 50 ms
+  from `/proc/<pid>/status`, and its VmHWM (peak RSS) is read before and after.
+- **Waiting clients**: that many raw TCP clients connect at once and each
+  sends one `GET /hello` with `Connection: close`; each client ends with its
+  status code or the error that ended it. The queue depth is raised with
+  `FLOYDD_PROXY_MAX_QUEUE_DEPTH`, and the open-file limit of the harness and
+  the daemon is raised with `setrlimit`. All clients connect in the same
+  instant, so the daemon's listen backlog (`listen(1024)` in floydd/cli.py,
+  capped by `net.core.somaxconn`) overflows: the kernel drops the handshakes
+  it has no room for and TCP retransmits them seconds later. This causes the
+  gap between the 99 % and the last finish time, and any connection resets.
+- **Cold start**: from the upload (`POST /api/v1/jobs`) to the first 200 from
+  `/hello` through floydd, against `docker run --init -p 127.0.0.1::5000 -v
+  CODE:/code` of the same files on the same image followed by polling the
+  published port every 20 ms. The two alternate.
+- **Idle jobs**: serve jobs of the same app are started four uploads at a time;
+  once all serve, floydd's CPU use over a quiet window and its RSS are read.
+  The number of jobs is capped by available memory (twice each container's
+  measured size, keeping a reserve), and the table shows when the cap applied.
+- **Profile**: py-spy samples the daemon (native frames off, idle samples
+  dropped) during extra floydd rounds at 1 and 64 clients, which are not
+  part of the medians above. Flame graphs go to `bench/results/`.
+"""
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value != value else f"{value:,.{digits}f}"
+
+
+def render(results: Results) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "This page is written by the benchmark harness; rerun it to refresh the numbers:",
+        "",
+        "```",
+        results.command,
+        "```",
+        "",
+        "Numbers come from a single run on a machine shared with other work, so",
+        "differences of a few percent are noise. They describe this machine only.",
+        "",
+        "## Machine and versions",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in results.environment.items()],
+        *[f"| {name} | {value} |" for name, value in results.settings.items()],
+        "",
+    ]
+    lines += _render_paths(results.summaries)
+    lines += _render_transfers(results.transfers)
+    if results.crowd is not None:
+        lines += _render_crowd(results.crowd)
+    if results.cold_start is not None:
+        lines += _render_cold_start(results.cold_start)
+    if results.idle_jobs is not None:
+        lines += _render_idle(results.idle_jobs)
+    if results.profiles:
+        lines += _render_profiles(results.profiles)
+    if results.notes:
+        lines += ["## Notes from this run", "", *[f"- {note}" for note in results.notes], ""]
+    lines.append(METHOD)
+    return "\n".join(lines)
+
+
+def _render_paths(summaries: list[Summary]) -> list[str]:
+    lines = [
+        "## Requests through each path (`GET /hello`)",
+        "",
+        "| clients | path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors | rounds |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for summary in summaries:
+        lines.append(
+            f"| {summary.connections} | {summary.path} | {_fmt(summary.median('requests_per_s'), 0)} "
+            f"| {_fmt(summary.median('p50_ms'), 2)} | {_fmt(summary.median('p99_ms'), 2)} "
+            f"| {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} | {summary.errors} | {len(summary.rounds)} |"
+        )
+    lines += [
+        "",
+        "| clients | floydd/HAProxy requests/s | floydd/direct requests/s | floydd/HAProxy p99 |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    by_key = {(summary.connections, summary.path): summary for summary in summaries}
+    for connections in sorted({summary.connections for summary in summaries}):
+        floydd, haproxy, direct = (by_key.get((connections, path)) for path in ("floydd", "HAProxy", "direct"))
+        if floydd is None or haproxy is None or direct is None:
+            continue
+        lines.append(
+            f"| {connections} | {_ratio(floydd, haproxy, 'requests_per_s')} "
+            f"| {_ratio(floydd, direct, 'requests_per_s')} | {_ratio(floydd, haproxy, 'p99_ms')} |"
+        )
+    return [*lines, ""]
+
+
+def _ratio(numerator: Summary, denominator: Summary, attribute: str) -> str:
+    bottom = denominator.median(attribute)
+    return _fmt(numerator.median(attribute) / bottom, 2) if bottom else "n/a"
+
+
+def _render_transfers(transfers: list[Transfer]) -> list[str]:
+    if not transfers:
+        return []
+    size = transfers[0].bytes
+    label = f"{size / 1024**3:g} GiB" if size >= 1024**3 else f"{size / 1024**2:g} MiB"
+    lines = [
+        f"## {label} bodies",
+        "",
+        "| direction | path | MiB/s | seconds | daemon RSS growth MiB | daemon VmHWM growth MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for item in transfers:
+        rss = "–" if item.daemon_rss_growth_kib is None else _fmt(item.daemon_rss_growth_kib / 1024)
+        hwm = "–" if item.daemon_hwm_growth_kib is None else _fmt(item.daemon_hwm_growth_kib / 1024)
+        lines.append(
+            f"| {item.direction} | {item.path} | {_fmt(item.mib_per_s, 0)} | {_fmt(item.seconds, 1)} | {rss} | {hwm} |"
+        )
+    return [*lines, ""]
+
+
+def _render_crowd(crowd: Crowd) -> list[str]:
+    outcomes = ", ".join(f"{status}: {count}" for status, count in sorted(crowd.statuses.items()))
+    lines = [
+        f"## {crowd.clients:,} clients waiting on one job",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| queue depth (FLOYDD_PROXY_MAX_QUEUE_DEPTH) | {crowd.queue_depth:,} |",
+        f"| outcomes | {outcomes} |",
+        f"| clients neither served nor rejected with 503 | {crowd.unanswered} |",
+        f"| most requests sent and unanswered at once | {crowd.max_waiting:,} |",
+        f"| time until the last connection was accepted | {_fmt(crowd.last_connect_s)} s |",
+        f"| time until 99 % of the clients finished | {_fmt(crowd.p99_finish_s)} s |",
+        f"| time until the last client finished | {_fmt(crowd.seconds)} s |",
+        f"| daemon CPU time over the run | {_fmt(crowd.daemon_cpu_s)} s |",
+        f"| daemon RSS before / max | {_fmt(crowd.daemon_rss_before_kib / 1024)} / "
+        f"{_fmt(crowd.daemon_rss_max_kib / 1024)} MiB |",
+        f"| daemon RSS per waiting client | "
+        f"{_fmt((crowd.daemon_rss_max_kib - crowd.daemon_rss_before_kib) / max(crowd.max_waiting, 1), 1)} KiB |",
+        f"| daemon open files, max | {crowd.daemon_fds_max:,} |",
+        "",
+    ]
+    if crowd.profile is not None:
+        lines += [
+            f"py-spy over 10 s while the clients wait ({crowd.profile.samples} event-loop samples):",
+            "",
+            *_profile_table(crowd.profile, "Python function", 8),
+        ]
+    return lines
+
+
+def _render_cold_start(cold: ColdStart) -> list[str]:
+    def runs(values: list[float]) -> str:
+        return ", ".join(f"{value:.2f}" for value in values)
+
+    return [
+        "## Cold start: upload to first 200",
+        "",
+        "| path | median s | runs s |",
+        "| --- | ---: | --- |",
+        f"| floydd (upload, unpack, create, start, readiness, proxy) | {_fmt(median(cold.floydd_s), 2)} "
+        f"| {runs(cold.floydd_s)} |",
+        f"| `docker run` and polling by hand | {_fmt(median(cold.docker_run_s), 2)} | {runs(cold.docker_run_s)} |",
+        "",
+    ]
+
+
+def _render_idle(idle: IdleJobs) -> list[str]:
+    return [
+        "## Idle serve jobs",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| serve jobs serving (requested) | {idle.started + 1} ({idle.requested}) |",
+        f"| count limited by | {idle.limited_by} |",
+        f"| jobs that did not reach serving | {idle.failed} |",
+        f"| submissions stopped after | {idle.stopped_by or 'none stopped'} |",
+        f"| uploads retried after a 503 | {idle.submissions_retried} |",
+        f"| one container's memory | {_fmt(idle.container_mib)} MiB |",
+        f"| time until all served | {_fmt(idle.seconds_to_serving)} s |",
+        f"| daemon CPU while idle | {_fmt(idle.daemon_cpu_percent, 2)} % of one core over {_fmt(idle.window_s)} s |",
+        f"| daemon RSS before / after | {_fmt(idle.daemon_rss_before_kib / 1024)} / "
+        f"{_fmt(idle.daemon_rss_kib / 1024)} MiB |",
+        f"| daemon open files | {idle.daemon_fds} |",
+        "",
+    ]
+
+
+def _render_profiles(profiles: dict[int, FloyddProfile]) -> list[str]:
+    lines = [
+        "## Where floydd spends its time",
+        "",
+        "Python frames from py-spy without native frames, so time inside C code",
+        "(uvloop's event loop, system calls) counts as self time of the nearest",
+        "Python frame, `asyncio/runners.py:Runner.run` for the loop itself. The",
+        "native profile names those C frames. System calls per request come from",
+        "`strace -c -f` on the daemon during one more round.",
+        "",
+    ]
+    for connections, profile in sorted(profiles.items()):
+        python, native = profile.python, profile.native
+        lines += [
+            f"### {connections} client{'s' if connections != 1 else ''}",
+            "",
+            f"{python.samples} event-loop samples at {_fmt(profile.profiled_requests_per_s, 0)} requests/s "
+            f"under the profiler ({python.background_samples} samples of idle worker threads left out). "
+            "Self time by package: "
+            + ", ".join(f"{name} {python.share(count):.0f} %" for name, count in python.self_by_package.most_common(6)),
+            "",
+        ]
+        lines += _profile_table(python, "Python function", 12)
+        lines += _profile_table(native, "native or Python function (py-spy --native)", 8)
+        calls = sorted(profile.syscalls_per_request.items(), key=lambda item: -item[1])[:10]
+        lines += [
+            f"System calls per request: {_fmt(sum(profile.syscalls_per_request.values()), 1)} in all; "
+            + ", ".join(f"{name} {count:.1f}" for name, count in calls),
+            "",
+        ]
+    return lines
+
+
+def _profile_table(profile: ProfileSummary, heading: str, top: int) -> list[str]:
+    lines = [f"| {heading} | self % | total % |", "| --- | ---: | ---: |"]
+    for name, count in profile.self_by_function.most_common(top):
+        lines.append(
+            f"| `{name}` | {profile.share(count):.1f} | {profile.share(profile.total_by_function[name]):.1f} |"
+        )
+    return [*lines, ""]
