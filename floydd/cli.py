@@ -151,7 +151,9 @@ def _bind(host: str, port: int) -> socket.socket:
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))
-    listener.listen(1024)
+    # The kernel caps the backlog at net.core.somaxconn; asking for more takes
+    # all it allows, so a burst of thousands of clients is not reset.
+    listener.listen(65535)
     listener.setblocking(False)
     return listener
 

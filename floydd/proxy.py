@@ -252,6 +252,12 @@ class Proxy:
                 ),
                 cause=exc,
             )
+        except ConnectionResetError:
+            # The client closed its connection mid-response (aiohttp raises
+            # ClientConnectionResetError, a ConnectionResetError). Nothing is
+            # left to answer, and it is not a fault of floydd or of the app.
+            log.debug("proxy_client_disconnected", job_id=job_id, request_id=request_id)
+            return relay.response
         except BadGateway as exc:
             if isinstance(exc, UpstreamBroken) or relay.started:
                 return relay.fail(exc)
