@@ -69,6 +69,10 @@ def stream_body(request: web.Request, length: int | None) -> RequestBody:
     return RequestBody(length, request=request)
 
 
+# How often a body read that waits checks whether aiohttp queued a framing error.
+PARSE_ERROR_POLL_S = 0.25
+
+
 class RequestTimeout(FloyddError):
     status = 408
     code = "request_timeout"
@@ -87,18 +91,7 @@ async def read_chunked_body(
     total = 0
     try:
         while True:
-            try:
-                async with asyncio.timeout(idle_timeout_s):
-                    chunk = await request.content.read(CHUNK_BYTES)
-            except TimeoutError as exc:
-                # NOTE: aiohttp (3.14) does not fail the body stream when a chunk
-                # that arrives late is malformed, so such a body ends up here.
-                raise RequestTimeout(
-                    f"no request body data arrived for {idle_timeout_s:g} s (proxy.request_body_timeout_s)",
-                    limit="request_body_timeout_s",
-                ) from exc
-            except HttpProcessingError as exc:
-                raise InvalidRequest(f"malformed chunked request body: {exc.message}") from exc
+            chunk = await _read_chunk(request, idle_timeout_s)
             if not chunk:
                 break
             total += len(chunk)
@@ -119,6 +112,45 @@ async def read_chunked_body(
                 spool.close()
         raise
     return RequestBody(total, memory=memory, spool=spool)
+
+
+async def _read_chunk(request: web.Request, idle_timeout_s: float) -> bytes:
+    """Read the next piece of the body, polling for framing errors that aiohttp does not raise here."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + idle_timeout_s
+    while True:
+        try:
+            async with asyncio.timeout(min(PARSE_ERROR_POLL_S, max(deadline - loop.time(), 0))):
+                return await request.content.read(CHUNK_BYTES)
+        except TimeoutError as exc:
+            error = _queued_parse_error(request)
+            if error is not None:
+                raise InvalidRequest(f"malformed chunked request body: {error.message}") from error
+            if loop.time() >= deadline:
+                raise RequestTimeout(
+                    f"no request body data arrived for {idle_timeout_s:g} s (proxy.request_body_timeout_s)",
+                    limit="request_body_timeout_s",
+                ) from exc
+        except HttpProcessingError as exc:
+            raise InvalidRequest(f"malformed chunked request body: {exc.message}") from exc
+
+
+def _queued_parse_error(request: web.Request) -> HttpProcessingError | None:
+    """Return the parse error aiohttp queued for this connection, if any.
+
+    When malformed framing arrives after the handler started reading the body,
+    aiohttp 3.14's C parser drops the body stream without failing it and queues
+    the error as the connection's next message instead, so the handler would
+    wait for data that never comes.
+    """
+    # NOTE: reads RequestHandler._messages, a private attribute of aiohttp 3.14.
+    # Without it (another aiohttp version) such a body ends with the body timeout.
+    messages = getattr(request.protocol, "_messages", None) or ()
+    for message, _payload in messages:
+        error = getattr(message, "exc", None)
+        if isinstance(error, HttpProcessingError):
+            return error
+    return None
 
 
 def _open_spool(spool_dir: Path) -> IO[bytes]:
