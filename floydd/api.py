@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import shlex
 import shutil
@@ -16,6 +17,7 @@ from aiohttp.typedefs import Handler
 
 from floydd.config import Settings
 from floydd.errors import FloyddError, InvalidRequest, ServiceUnavailable
+from floydd.jobrequests import REQUEST_FIELDS, resolve_requests
 from floydd.jobs import Job, JobMode, JobState, new_job_id, utcnow
 from floydd.runtime import DockerRuntime
 from floydd.supervisor import Supervisor
@@ -23,7 +25,7 @@ from floydd.uploads import Submission, UnpackLimits, receive_submission, unpack_
 
 log = structlog.get_logger(__name__)
 
-SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime"})
+SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime"}) | REQUEST_FIELDS
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 LOG_POLL_INTERVAL_S = 0.25
@@ -102,6 +104,7 @@ class JobsApi:
 
     async def _create_job(self, job_id: str, submission: Submission) -> Job:
         job = self._job_from_fields(job_id, submission.fields)
+        job = await self._with_requests(job, submission)
         if not await self._runtime.image_exists(job.image):
             raise ServiceUnavailable(
                 f"image {job.image} of env {job.env!r} is not present; run `floydd env build {job.env}`"
@@ -122,6 +125,16 @@ class JobsApi:
                 submission.archive.unlink()
         log.info("upload_unpacked", job_id=job_id, archive=submission.archive_name, bytes=submission.archive_bytes)
         return await self._supervisor.submit(job)
+
+    async def _with_requests(self, job: Job, submission: Submission) -> Job:
+        """Add the job's data mounts, GPUs and limits; a GPU job runs the env's GPU image when it names one."""
+        data = submission.repeated.get("data", [])
+        options = await resolve_requests(submission.fields, data, self._supervisor.request_context())
+        image = job.image
+        gpu_image = self._settings.envs[job.env].gpu_image
+        if options.get("gpus") and gpu_image:
+            image = gpu_image
+        return dataclasses.replace(job, image=image, options={**job.options, **options})
 
     def _job_from_fields(self, job_id: str, fields: dict[str, str]) -> Job:
         unknown = sorted(set(fields) - SUBMISSION_FIELDS)

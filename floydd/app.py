@@ -11,6 +11,7 @@ from aiohttp import web
 
 from floydd.api import JobsApi, error_middleware
 from floydd.config import Settings
+from floydd.dataapi import DataApi
 from floydd.proxy import Proxy
 from floydd.queue import QueueRegistry
 from floydd.runtime import DockerRuntime
@@ -44,6 +45,7 @@ def build_app(settings: Settings) -> web.Application:
     api = JobsApi(settings, supervisor, runtime)
     proxy = Proxy(settings.proxy, queues, store)
     app.router.add_routes(api.routes())
+    app.router.add_routes(DataApi(settings, supervisor).routes())
     app.router.add_route("*", "/expose/{job_id}", proxy.handle)
     app.router.add_route("*", "/expose/{job_id}/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_lifetime)

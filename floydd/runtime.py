@@ -11,6 +11,7 @@ import asyncio
 import shlex
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +56,30 @@ class ContainerExit:
 
 
 @dataclass(frozen=True)
+class LogMessage:
+    # Nanoseconds since the epoch, as Docker stamped the message.
+    timestamp_ns: int
+    text: str
+
+
+def parse_log_message(chunk: str) -> LogMessage:
+    """Split `2026-01-02T03:04:05.123456789Z text` into its timestamp and text."""
+    stamp, _, text = chunk.partition(" ")
+    try:
+        return LogMessage(parse_rfc3339_ns(stamp), text)
+    except ValueError:
+        # Not stamped: keep the text, and resume from the last stamped message.
+        return LogMessage(0, chunk)
+
+
+def parse_rfc3339_ns(stamp: str) -> int:
+    """Return nanoseconds since the epoch for a UTC RFC 3339 time with up to 9 fraction digits."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    seconds = int(datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp())
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+@dataclass(frozen=True)
 class ManagedContainer:
     id: str
     job_id: str
@@ -65,18 +90,61 @@ def container_name(job_id: str) -> str:
     return f"floydd-{job_id}"
 
 
-def container_config(job: Job, code_dir: Path, output_dir: Path, instance_id: str) -> dict[str, Any]:
+# Capabilities a job's container keeps; every other one is dropped. Jobs run
+# as root inside the container because `pip install` and the env images expect
+# it, and these are what that needs:
+#   CHOWN, FOWNER: pip and tar set owners and modes on the files they unpack;
+#   DAC_OVERRIDE: root writes to /code and /output, owned by floydd's user;
+#   SETUID, SETGID: apt and similar tools switch to an unprivileged user;
+#   KILL: the init process forwards signals to the app's processes.
+KEPT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host folder bound into a job's container."""
+
+    source: Path
+    target: str
+    read_only: bool = True
+
+    def bind(self) -> str:
+        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything a job's container gets from the host: folders, limits and devices."""
+
+    code_dir: Path
+    output_dir: Path
+    memory_bytes: int
+    nano_cpus: int
+    pids_limit: int
+    # Read-only datasets and outputs of earlier jobs.
+    data_mounts: tuple[Mount, ...] = ()
+    # GPU UUIDs (or indexes) handed to the container, exclusively this job's.
+    gpu_device_ids: tuple[str, ...] = ()
+
+
+def container_config(job: Job, spec: ContainerSpec, instance_id: str) -> dict[str, Any]:
     """Build the Docker create body for a job's container."""
     if job.mode is JobMode.SERVE:
         command = ["sh", "-c", SERVE_SCRIPT]
     else:
         command = ["sh", "-c", job.command or "true"]
+    mounts = (Mount(spec.code_dir, "/code", read_only=False), Mount(spec.output_dir, "/output", read_only=False))
     host_config: dict[str, Any] = {
-        "Binds": [f"{code_dir}:/code:rw", f"{output_dir}:/output:rw"],
+        "Binds": [mount.bind() for mount in (*mounts, *spec.data_mounts)],
         # docker-init (tini) as PID 1 reaps the app's children and forwards SIGTERM.
         "Init": True,
         "RestartPolicy": {"Name": "no"},
+        **confinement(spec),
     }
+    if spec.gpu_device_ids:
+        host_config["DeviceRequests"] = [
+            {"Driver": "nvidia", "DeviceIDs": list(spec.gpu_device_ids), "Capabilities": [["gpu"]]}
+        ]
     config: dict[str, Any] = {
         "Image": job.image,
         "Cmd": command,
@@ -102,6 +170,22 @@ def container_config(job: Job, code_dir: Path, output_dir: Path, instance_id: st
         # An empty HostPort lets Docker pick a free port, on loopback only.
         host_config["PortBindings"] = {f"{APP_PORT}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
     return config
+
+
+def confinement(spec: ContainerSpec) -> dict[str, Any]:
+    """Return the HostConfig keys that confine a job, set on every container floydd creates."""
+    return {
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(KEPT_CAPABILITIES),
+        # setuid binaries inside the image cannot raise privileges.
+        "SecurityOpt": ["no-new-privileges:true"],
+        "PidsLimit": spec.pids_limit,
+        "Memory": spec.memory_bytes,
+        # Equal to Memory: no swap, so a job over its limit is OOM-killed instead of thrashing.
+        "MemorySwap": spec.memory_bytes,
+        "NanoCpus": spec.nano_cpus,
+    }
 
 
 def describe_command(job: Job) -> str:
@@ -152,8 +236,8 @@ class DockerRuntime:
             raise
         return True
 
-    async def create_container(self, job: Job, code_dir: Path, output_dir: Path) -> str:
-        config = container_config(job, code_dir, output_dir, self.instance_id)
+    async def create_container(self, job: Job, spec: ContainerSpec) -> str:
+        config = container_config(job, spec, self.instance_id)
         container = await self._call(
             self.docker.containers.create(config, name=container_name(job.id)), "container create"
         )
@@ -195,6 +279,10 @@ class DockerRuntime:
             raise RuntimeFailure(f"Docker container wait failed: {exc.message}") from exc
         info = await self.inspect(container_id)
         state = (info or {}).get("State", {})
+        # `docker rm -f` marks the container "removing" before it kills it, so a
+        # wait that ends with 137 is told apart from an app killed by a signal.
+        if info is None or state.get("Status") in ("removing", "dead"):
+            return ContainerExit(exit_code=-1, oom_killed=False, error="container vanished")
         return ContainerExit(
             exit_code=int(result.get("StatusCode", state.get("ExitCode", -1))),
             oom_killed=bool(state.get("OOMKilled", False)),
@@ -224,12 +312,17 @@ class DockerRuntime:
                 return
             raise
 
-    async def follow_logs(self, container_id: str, since: int = 0) -> AsyncIterator[str]:
-        """Yield the container's stdout and stderr from `since` (epoch seconds) until it exits."""
+    async def follow_logs(self, container_id: str, since_ns: int = 0) -> AsyncIterator[LogMessage]:
+        """Yield the container's stdout and stderr messages from `since_ns` (inclusive) until it exits.
+
+        Docker stamps every message with its arrival time in nanoseconds, so a
+        reader that resumes after a restart knows exactly which messages it has.
+        """
         container = self.docker.containers.container(container_id)
-        stream = container.log(stdout=True, stderr=True, follow=True, since=since)
+        since = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"
+        stream = container.log(stdout=True, stderr=True, follow=True, since=since, timestamps=True)
         async for chunk in stream:
-            yield chunk
+            yield parse_log_message(chunk)
 
     async def list_managed(self) -> list[ManagedContainer]:
         containers = await self._call(

@@ -29,6 +29,8 @@ CHUNK_BYTES = 256 * 1024
 # Text fields (mode, env, command, ...) are small; a larger one is an error, not data.
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 32
+# Text fields that a submission may give more than once, such as several data mounts.
+REPEATABLE_FIELDS = frozenset({"data"})
 
 
 class ArchiveRejected(InvalidRequest):
@@ -40,6 +42,8 @@ class Submission:
     """The fields of a job submission, with the code archive already on disk."""
 
     fields: dict[str, str] = field(default_factory=dict)
+    # Values of REPEATABLE_FIELDS, in the order they came.
+    repeated: dict[str, list[str]] = field(default_factory=dict)
     archive: Path | None = None
     archive_name: str = ""
     archive_bytes: int = 0
@@ -51,17 +55,18 @@ class UnpackLimits:
     max_files: int
 
 
-async def receive_submission(request: web.Request, spool_path: Path, max_upload_bytes: int) -> Submission:
-    """Read a multipart job submission, streaming the `code` part to `spool_path`."""
+async def receive_submission(
+    request: web.Request, spool_path: Path, max_upload_bytes: int, archive_field: str = "code"
+) -> Submission:
+    """Read a multipart submission, streaming the archive part (`code` for jobs) to `spool_path`."""
     if request.content_length is not None and request.content_length > max_upload_bytes:
         raise PayloadTooLarge(
             f"upload of {request.content_length} bytes exceeds the limit of {max_upload_bytes} bytes",
             limit=max_upload_bytes,
         )
     if not request.content_type.startswith("multipart/"):
-        raise InvalidRequest(
-            f"expected multipart/form-data with a 'code' file, got {request.content_type or 'no content type'}"
-        )
+        received = request.content_type or "no content type"
+        raise InvalidRequest(f"expected multipart/form-data with a {archive_field!r} file, got {received}")
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError) as exc:
@@ -81,24 +86,29 @@ async def receive_submission(request: web.Request, spool_path: Path, max_upload_
             raise InvalidRequest(f"too many multipart parts: more than {MAX_PARTS}")
         if isinstance(part, MultipartReader):
             raise InvalidRequest("nested multipart parts are not supported")
-        await _read_part(part, submission, spool_path, max_upload_bytes)
+        await _read_part(part, submission, spool_path, max_upload_bytes, archive_field)
     if submission.archive is None:
-        raise InvalidRequest("missing 'code' part: attach the project archive with -F code=@project.tar.gz")
+        raise InvalidRequest(
+            f"missing {archive_field!r} part: attach the archive with -F {archive_field}=@archive.tar.gz"
+        )
     return submission
 
 
-async def _read_part(part: BodyPartReader, submission: Submission, spool_path: Path, limit: int) -> None:
+async def _read_part(
+    part: BodyPartReader, submission: Submission, spool_path: Path, limit: int, archive_field: str
+) -> None:
     name = part.name
     if not name:
         raise InvalidRequest("a multipart part has no name")
-    if name == "code":
+    if name == archive_field:
         if submission.archive is not None:
-            raise InvalidRequest("more than one 'code' part")
+            raise InvalidRequest(f"more than one {archive_field!r} part")
         submission.archive_name = part.filename or ""
         submission.archive_bytes = await _spool(part, spool_path, limit)
         submission.archive = spool_path
         return
-    if name in submission.fields:
+    repeatable = name in REPEATABLE_FIELDS
+    if name in submission.fields and not repeatable:
         raise InvalidRequest(f"field {name!r} given more than once")
     data = bytearray()
     while chunk := await part.read_chunk(CHUNK_BYTES):
@@ -106,9 +116,13 @@ async def _read_part(part: BodyPartReader, submission: Submission, spool_path: P
         if len(data) > MAX_FIELD_BYTES:
             raise InvalidRequest(f"field {name!r} is longer than {MAX_FIELD_BYTES} bytes")
     try:
-        submission.fields[name] = data.decode("utf-8")
+        value = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"field {name!r} is not valid UTF-8") from exc
+    if repeatable:
+        submission.repeated.setdefault(name, []).append(value)
+    else:
+        submission.fields[name] = value
 
 
 async def _spool(part: BodyPartReader, path: Path, limit: int) -> int:
@@ -123,7 +137,7 @@ async def _spool(part: BodyPartReader, path: Path, limit: int) -> int:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes", limit=limit)
             spool.write(chunk)
     if written == 0:
-        raise InvalidRequest("the 'code' part is empty")
+        raise InvalidRequest(f"the {part.name!r} part is empty")
     return written
 
 

@@ -1,0 +1,106 @@
+"""HTTP routes for what jobs keep and share: job outputs, job deletion and datasets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+
+import structlog
+from aiohttp import web
+
+from floydd.config import Settings
+from floydd.datasets import DatasetInUse, check_name
+from floydd.errors import InvalidRequest, NotFound
+from floydd.outputs import output_file, send_tar_gz
+from floydd.supervisor import Supervisor
+from floydd.uploads import UnpackLimits, receive_submission, unpack_archive
+
+log = structlog.get_logger(__name__)
+
+
+class DataApi:
+    def __init__(self, settings: Settings, supervisor: Supervisor) -> None:
+        self._settings = settings
+        self._supervisor = supervisor
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/jobs/{job_id}/output", self.output),
+            web.delete("/api/v1/jobs/{job_id}", self.delete_job),
+            web.post("/api/v1/datasets", self.create_dataset),
+            web.get("/api/v1/datasets", self.list_datasets),
+            web.get("/api/v1/datasets/{name}", self.show_dataset),
+            web.get("/api/v1/datasets/{name}/{version}", self.show_dataset),
+            web.delete("/api/v1/datasets/{name}/{version}", self.delete_dataset),
+        ]
+
+    # Jobs
+
+    async def output(self, request: web.Request) -> web.StreamResponse:
+        """Send the job's /output as a tar.gz, or with `?path=FILE` that one file."""
+        job = await self._supervisor.get(request.match_info["job_id"])
+        folder = self._supervisor.files(job.id).output
+        if "pruned_at" in job.options:
+            raise NotFound(f"the output of job {job.id} was pruned at {job.options['pruned_at']}")
+        if not folder.is_dir():
+            raise NotFound(f"job {job.id} has no output yet")
+        if "path" in request.query:
+            return web.FileResponse(output_file(folder, request.query["path"]))
+        return await send_tar_gz(request, folder, f"{job.id}-output")
+
+    async def delete_job(self, request: web.Request) -> web.Response:
+        await asyncio.shield(self._supervisor.delete(request.match_info["job_id"]))
+        return web.json_response({"deleted": request.match_info["job_id"]})
+
+    # Datasets
+
+    async def create_dataset(self, request: web.Request) -> web.Response:
+        datasets = self._supervisor.datasets
+        spool = datasets.new_staging_path()
+        unpacked = spool.with_suffix(".unpacked")
+        uploads = self._settings.uploads
+        try:
+            submission = await receive_submission(request, spool, uploads.max_upload_bytes, archive_field="data")
+            unknown = sorted(set(submission.fields) - {"name"})
+            if unknown or submission.repeated:
+                raise InvalidRequest("a dataset upload takes only the fields name and data")
+            name = check_name(submission.fields.get("name", ""))
+            limits = UnpackLimits(uploads.max_unpacked_bytes, uploads.max_files)
+            await asyncio.shield(asyncio.to_thread(unpack_archive, spool, unpacked, limits))
+            dataset = await asyncio.shield(datasets.add(name, unpacked))
+        finally:
+            with contextlib.suppress(OSError):
+                spool.unlink()
+            await asyncio.to_thread(shutil.rmtree, unpacked, True)
+        log.info("dataset_stored", dataset=dataset.id, bytes=dataset.bytes, files=dataset.files)
+        return web.json_response(dataset.to_json(), status=201, headers={"Location": f"/api/v1/datasets/{dataset.id}"})
+
+    async def list_datasets(self, request: web.Request) -> web.Response:
+        datasets = await asyncio.to_thread(self._supervisor.datasets.list)
+        return web.json_response({"datasets": [dataset.to_json() for dataset in datasets]})
+
+    async def show_dataset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        dataset = self._supervisor.datasets.get(name, _version(request))
+        return web.json_response(dataset.to_json())
+
+    async def delete_dataset(self, request: web.Request) -> web.Response:
+        dataset = self._supervisor.datasets.get(request.match_info["name"], _version(request))
+        users = await self._supervisor.jobs_using(lambda entry: entry.get("dataset") == dataset.id)
+        if users:
+            raise DatasetInUse(
+                f"dataset {dataset.id} is mounted by unfinished job {users[0].id}", job_ids=[job.id for job in users]
+            )
+        await asyncio.shield(self._supervisor.datasets.delete(dataset))
+        log.info("dataset_deleted", dataset=dataset.id)
+        return web.json_response({"deleted": dataset.id})
+
+
+def _version(request: web.Request) -> int | None:
+    text = request.match_info.get("version")
+    if text is None:
+        return None
+    if not text.isdigit():
+        raise InvalidRequest(f"invalid dataset version {text!r}: use a number")
+    return int(text)
