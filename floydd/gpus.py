@@ -1,6 +1,6 @@
 """GPUs: find them at start-up and hand them to jobs whole and exclusively, first come first served.
 
-A job that asks for `gpu=N` gets N devices that no other job holds, named
+A job that requests `gpu=N` gets N devices that no other job has, named
 by UUID in a Docker device request, so the container sees exactly those.
 Jobs that cannot get their GPUs yet wait in a FIFO: a later job never takes
 GPUs ahead of an earlier waiting one, even when it asks for fewer, so a job
@@ -30,7 +30,7 @@ class Gpu:
 
 
 class GpuInventory(Protocol):
-    """Where the GPUs of this host come from; tests pass a fixed list."""
+    """Source of the host's GPU list; tests pass a fixed list."""
 
     def discover(self) -> list[Gpu]: ...
 
@@ -73,7 +73,7 @@ class _Waiter:
 
 
 class GpuPool:
-    """The host's GPUs and which job holds each."""
+    """The host's GPUs and the job each one is assigned to."""
 
     def __init__(self, gpus: list[Gpu]) -> None:
         self.gpus = list(gpus)

@@ -1,6 +1,6 @@
 """A job's log file, written as messages arrive and resumed exactly after a restart.
 
-`logs.txt` holds the container's output as plain text. Beside it,
+`logs.txt` contains the container's output as plain text. Beside it,
 `logs.cursor` records how far the file is complete: the Docker timestamp of
 the last message written, how many messages carried that same timestamp, and
 the file's size at that point. The cursor is replaced atomically after each

@@ -1,9 +1,9 @@
 """A job's /output folder over HTTP: the whole folder as a streamed tar.gz, or one file.
 
-The archive is written by `tarfile` in a worker thread and handed to the
-event loop chunk by chunk through a small bounded queue, so a large output
-never sits in memory or in a temporary file, and a slow client slows the
-writer down instead of filling memory.
+`tarfile` writes the archive in a worker thread, which hands it to the
+event loop in chunks through a small bounded queue. A large output never
+sits in memory or in a temporary file, and a slow client slows the writer
+down instead of filling memory.
 """
 
 from __future__ import annotations

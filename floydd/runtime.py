@@ -280,7 +280,7 @@ class DockerRuntime:
         info = await self.inspect(container_id)
         state = (info or {}).get("State", {})
         # `docker rm -f` marks the container "removing" before it kills it, so a
-        # wait that ends with 137 is told apart from an app killed by a signal.
+        # removal is distinguished from an app killed by a signal (also 137).
         if info is None or state.get("Status") in ("removing", "dead"):
             return ContainerExit(exit_code=-1, oom_killed=False, error="container vanished")
         return ContainerExit(
@@ -316,7 +316,7 @@ class DockerRuntime:
         """Yield the container's stdout and stderr messages from `since_ns` (inclusive) until it exits.
 
         Docker stamps every message with its arrival time in nanoseconds, so a
-        reader that resumes after a restart knows exactly which messages it has.
+        reader that resumes after a restart can skip exactly the messages it stored.
         """
         container = self.docker.containers.container(container_id)
         since = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"

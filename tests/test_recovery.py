@@ -296,3 +296,35 @@ async def test_container_is_confined(daemons: Daemons, client: aiohttp.ClientSes
     assert binds == ["/code", "/output"]
     assert not any("docker.sock" in bind for bind in host["Binds"])
 
+
+async def test_serve_oom_ends_queued_requests(daemons: Daemons, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "hungry"
+    project.mkdir()
+    (project / "app.py").write_text(
+        "from flask import Flask\n"
+        "app = Flask(__name__)\n"
+        "@app.get('/eat')\n"
+        "def eat():\n"
+        "    block = b'x' * (1024 * 1024 * 1024)\n"
+        "    return str(len(block))\n"
+        "app.run(host='0.0.0.0', port=5000)\n"
+    )
+    daemon = await daemons.start()
+    job = await submit_ok(client, daemon, project, mode="serve", memory="128m")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+
+    async def call() -> int:
+        async with client.get(f"{job['endpoint']}/eat") as response:
+            await response.read()
+            return response.status
+
+    first = asyncio.create_task(call())
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(call()) for _ in range(3)]
+    statuses = await asyncio.wait_for(asyncio.gather(first, *queued), timeout=60)
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"}, timeout_s=30)
+
+    # The exact status of each request is the proxy's concern; here every
+    # request must end with an error instead of waiting on a dead container.
+    assert all(status >= 500 for status in statuses)
+    assert ended["reason"] == "out of memory"
