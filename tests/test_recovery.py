@@ -328,3 +328,44 @@ async def test_serve_oom_ends_queued_requests(daemons: Daemons, client: aiohttp.
     # request must end with an error instead of waiting on a dead container.
     assert all(status >= 500 for status in statuses)
     assert ended["reason"] == "out of memory"
+
+
+async def test_exit_while_down_is_recorded(daemons: Daemons, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "short"
+    project.mkdir()
+    (project / "run.sh").write_text("echo begin\nsleep 2\necho end\nexit 4\n")
+    first = await daemons.start()
+    job = await submit_ok(client, first, project, command="sh run.sh")
+    await wait_for_state(client, first, job["id"], {"running"})
+    await daemons.kill()
+    await asyncio.sleep(4)
+
+    second = await daemons.start()
+    ended = await wait_for_state(client, second, job["id"], {"failed"}, timeout_s=30)
+    logs = await get_logs(client, second, job["id"])
+
+    assert ended["exit_code"] == 4
+    assert ended["reason"] == "exited with code 4"
+    assert logs == "begin\nend\n"
+    assert not await container_exists(job["id"])
+
+
+async def test_sigterm_finishes_request_in_flight(daemons: Daemons, client: aiohttp.ClientSession) -> None:
+    daemon = await daemons.start()
+    job = await submit_ok(client, daemon, APPS / "echo", mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+
+    async def slow_call() -> tuple[int, str]:
+        async with client.get(f"{job['endpoint']}/stream?lines=8&delay=0.25") as response:
+            return response.status, await response.text()
+
+    call = asyncio.create_task(slow_call())
+    await asyncio.sleep(0.5)
+    daemon.process.terminate()
+    status, text = await call
+    exit_code = await daemon.stop()
+
+    assert status == 200
+    assert text == "".join(f"line {index}\n" for index in range(8))
+    assert exit_code == 0
+    assert await container_exists(job["id"])
