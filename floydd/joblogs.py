@@ -49,6 +49,11 @@ class JobLogWriter:
         with self.path.open("ab") as output:
             output.truncate(self.cursor.size)
         self._write_cursor()
+        return self.resume_point()
+
+    def resume_point(self) -> int:
+        """Return the timestamp to ask Docker for messages from, and skip those already written there."""
+        self._skip_at_timestamp = self.cursor.seen_at_timestamp
         return self.cursor.timestamp_ns
 
     def write(self, message: LogMessage) -> None:
@@ -84,7 +89,6 @@ class JobLogWriter:
             cursor = LogCursor(int(raw["timestamp_ns"]), int(raw["seen_at_timestamp"]), int(raw["size"]))
         except (OSError, ValueError, KeyError, TypeError):
             cursor = LogCursor()
-        self._skip_at_timestamp = cursor.seen_at_timestamp
         return cursor
 
     def _write_cursor(self) -> None:

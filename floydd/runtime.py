@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiodocker
+import aiohttp
 import structlog
 from aiodocker.exceptions import DockerError
 
@@ -34,6 +35,8 @@ LABEL_MODE = "org.floydd.mode"
 # share one engine, and each reconciles only its own containers.
 LABEL_INSTANCE = "org.floydd.instance"
 APP_PORT = 5000
+# Longest pause between two tries of a wait or log stream that the engine broke off.
+MAX_RETRY_DELAY_S = 30.0
 
 # Serve mode: install the project's requirements when present, then hand the
 # process over to the app so it receives the container's signals directly.
@@ -269,7 +272,21 @@ class DockerRuntime:
         raise RuntimeFailure(f"container {container_id[:12]} has no published port for {APP_PORT}/tcp")
 
     async def wait(self, container_id: str) -> ContainerExit:
-        """Wait for the container to exit; no timeout, it lasts as long as the job."""
+        """Wait for the container to exit or vanish, however long the job runs.
+
+        A broken connection or an engine that does not respond (dockerd
+        restarting or hung) is retried with backoff instead of ending the job.
+        """
+        delay_s = 1.0
+        while True:
+            try:
+                return await self._wait_once(container_id)
+            except (RuntimeFailure, aiohttp.ClientError, OSError) as exc:
+                log.warning("container_wait_retried", container_id=container_id[:12], error=str(exc), delay_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+
+    async def _wait_once(self, container_id: str) -> ContainerExit:
         container = self.docker.containers.container(container_id)
         try:
             result = await container.wait()

@@ -28,7 +28,7 @@ from floydd.jobrequests import RequestContext
 from floydd.jobs import FINAL_STATES, Job, JobMode, JobState, utcnow
 from floydd.queue import QueueRegistry, Upstream
 from floydd.readiness import wait_until_listening
-from floydd.runtime import APP_PORT, ContainerExit, ContainerSpec, DockerRuntime, Mount
+from floydd.runtime import APP_PORT, MAX_RETRY_DELAY_S, ContainerExit, ContainerSpec, DockerRuntime, Mount
 from floydd.store import JobStore
 
 log = structlog.get_logger(__name__)
@@ -307,7 +307,7 @@ class Supervisor:
         container_id = job.container_id
         assert container_id is not None
         exit_waiter = asyncio.create_task(self._runtime.wait(container_id))
-        logs = asyncio.create_task(self._pump_logs(job, resume=adopt))
+        logs = asyncio.create_task(self._pump_logs(job, adopt, exit_waiter))
         try:
             if job.state is JobState.STARTING:
                 job = await self._become_ready(job, handle, exit_waiter)
@@ -423,22 +423,40 @@ class Supervisor:
                 await self._runtime.remove(current.container_id)
         return await self._save(current, JobState.FAILED, reason=detail)
 
-    async def _pump_logs(self, job: Job, resume: bool) -> None:
+    async def _pump_logs(self, job: Job, resume: bool, exit_waiter: asyncio.Task[ContainerExit]) -> None:
         """Append the container's output to the job's log file as it arrives.
 
-        An adopted job resumes after the last message on disk, so a restart
-        neither repeats nor drops a line.
+        An adopted job resumes after the last message on disk, and so does a
+        stream that the engine broke off, so neither repeats nor drops a line.
         """
         assert job.container_id is not None
         writer = JobLogWriter(self.files(job.id).logs)
-        try:
-            since_ns = writer.open(resume)
-            async for message in self._runtime.follow_logs(job.container_id, since_ns=since_ns):
-                writer.write(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("job_logs_interrupted", job_id=job.id, error=str(exc))
+        since_ns = writer.open(resume)
+        delay_s = 1.0
+        tried_after_exit = False
+        while True:
+            try:
+                async for message in self._runtime.follow_logs(job.container_id, since_ns=since_ns):
+                    writer.write(message)
+                complete = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job_logs_interrupted", job_id=job.id, error=str(exc), delay_s=delay_s)
+                complete = False
+            if complete:
+                # Docker ends the stream when the container exits, but also when dockerd restarts.
+                done, _ = await asyncio.wait({exit_waiter}, timeout=2)
+                if done:
+                    return
+            elif exit_waiter.done():
+                # One more pass collects what the exited container wrote after the break.
+                if tried_after_exit:
+                    return
+                tried_after_exit = True
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+            since_ns = writer.resume_point()
 
     async def _save(self, job: Job, state: JobState, **changes: object) -> Job:
         updated = job.transition(state, **changes) if state is not job.state else _replace(job, **changes)

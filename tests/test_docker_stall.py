@@ -38,6 +38,14 @@ class StallingProxy:
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._relay, path=str(self.path))
 
+    async def cut(self) -> int:
+        """Break every open connection, as a dockerd restart does; return how many pipes were cut."""
+        pipes = list(self._tasks)
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        return len(pipes)
+
     async def close(self) -> None:
         self.flowing.set()
         if self._server is not None:
@@ -111,3 +119,29 @@ async def test_api_answers_while_docker_hangs(
     assert rejected["error"] == "docker_unavailable"
     assert f"within {CALL_TIMEOUT_S} s" in rejected["detail"]
     assert (await get_job(client, daemon, job["id"]))["state"] == "serving"
+
+
+async def test_broken_streams_resume(
+    stalled: tuple[StallingProxy, Daemon], client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    proxy, daemon = stalled
+    project = tmp_path / "counter"
+    project.mkdir()
+    (project / "count.py").write_text(
+        "import time\nfor index in range(40):\n    print(f'line {index}', flush=True)\n    time.sleep(0.1)\n"
+    )
+    status, job = await submit(client, daemon, tar_gz(project), command="python count.py")
+    assert status == 201, job
+    await wait_for_state(client, daemon, job["id"], {"running"})
+    await asyncio.sleep(1)
+    cut = await proxy.cut()
+
+    ended = await wait_for_state(client, daemon, job["id"], {"succeeded"}, timeout_s=60)
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job['id']}/logs") as response:
+        logs = await response.text()
+
+    assert cut >= 4
+    assert ended["exit_code"] == 0
+    assert logs.splitlines() == [f"line {index}" for index in range(40)]
+    assert daemon.logged("container_wait_retried")
+    assert daemon.logged("job_logs_interrupted", job_id=job["id"])
