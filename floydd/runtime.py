@@ -87,6 +87,8 @@ class ManagedContainer:
     id: str
     job_id: str
     running: bool
+    # Docker's state name: created, running, exited, ...
+    state: str = ""
 
 
 def container_name(job_id: str) -> str:
@@ -356,6 +358,7 @@ class DockerRuntime:
                     id=str(container.id),
                     job_id=str(labels.get(LABEL_JOB, "")),
                     running=container._container.get("State") == "running",
+                    state=str(container._container.get("State") or ""),
                 )
             )
         return managed

@@ -21,7 +21,7 @@ import structlog
 
 from floydd.config import Settings
 from floydd.datasets import DatasetStore
-from floydd.errors import Conflict, FloyddError, JobNotFound, JobNotServing, RuntimeFailure
+from floydd.errors import Conflict, FloyddError, InvalidRequest, JobNotFound, JobNotServing, RuntimeFailure
 from floydd.gpus import GpuInventory, GpuPool, NoGpus, NvidiaSmi
 from floydd.joblogs import JobLogWriter
 from floydd.jobrequests import RequestContext
@@ -118,11 +118,14 @@ class Supervisor:
             found = containers.get(job.id)
             if job.state is JobState.QUEUED:
                 queued.append(job)
-            elif found is not None and job.container_id == found.id:
+            elif found is not None and job.container_id == found.id and found.state != "created":
                 self._adopt(job)
-            elif found is not None:
-                await self._runtime.remove(found.id)
-                await self._save(job, JobState.FAILED, reason="floydd stopped while it created the container")
+            elif job.container_id is None or (found is not None and found.state == "created"):
+                # Killed before the container started: nothing of the job ran, so start it afresh.
+                if found is not None:
+                    await self._runtime.remove(found.id)
+                log.info("job_relaunched", job_id=job.id)
+                queued.append(_replace(job, container_id=None, host_port=None))
             else:
                 await self._save(job, JobState.FAILED, reason="container vanished while floydd was down")
         # Adopted jobs have their GPUs back before queued jobs ask for any.
@@ -331,6 +334,9 @@ class Supervisor:
         if count == 0:
             return job
         log.info("job_waiting_for_gpus", job_id=job.id, gpus=count, free=len(self.gpus.free()))
+        if count > self.gpus.total:
+            # Possible only when GPUs disappeared between the job's submission and a restart.
+            raise InvalidRequest(f"job requests {count} GPUs, but this host now has {self.gpus.total}")
         acquire = asyncio.create_task(self.gpus.acquire(job.id, count))
         winner = await _first_of(acquire, handle.end_requested.wait())
         if winner is not acquire:

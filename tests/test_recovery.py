@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -369,3 +370,36 @@ async def test_sigterm_finishes_request_in_flight(daemons: Daemons, client: aioh
     assert text == "".join(f"line {index}\n" for index in range(8))
     assert exit_code == 0
     assert await container_exists(job["id"])
+
+
+async def test_job_killed_while_starting_relaunched(
+    daemons: Daemons, client: aiohttp.ClientSession, tmp_path, default_image: str
+) -> None:
+    project = tmp_path / "once"
+    project.mkdir()
+    (project / "run.sh").write_text("echo ran\n")
+    first = await daemons.start()
+    job = await submit_ok(client, first, project, command="sh run.sh")
+    await wait_for_state(client, first, job["id"], {"succeeded"})
+    await daemons.kill()
+    # The state a SIGKILL leaves between `docker create` and recording the
+    # container's id: the record says starting, and a created container exists.
+    with sqlite3.connect(daemons.state_dir / "floydd.sqlite3") as database:
+        database.execute(
+            "UPDATE jobs SET state = 'starting', container_id = NULL, ended_at = NULL, exit_code = NULL WHERE id = ?",
+            (job["id"],),
+        )
+    instance = (daemons.state_dir / "instance-id").read_text().strip()
+    labels = {"org.floydd.managed": "true", "org.floydd.instance": instance, "org.floydd.job": job["id"]}
+    async with aiodocker.Docker() as docker:
+        await docker.containers.create(
+            {"Image": default_image, "Cmd": ["sleep", "300"], "Labels": labels}, name=f"floydd-{job['id']}"
+        )
+
+    second = await daemons.start()
+    ended = await wait_for_state(client, second, job["id"], {"succeeded"}, timeout_s=60)
+
+    assert second.logged("job_relaunched", job_id=job["id"])
+    assert ended["exit_code"] == 0
+    assert await get_logs(client, second, job["id"]) == "ran\n"
+    assert not await container_exists(job["id"])
