@@ -87,6 +87,8 @@ class DataApi:
 
     async def delete_dataset(self, request: web.Request) -> web.Response:
         dataset = self._supervisor.datasets.get(request.match_info["name"], _version(request))
+        # NOTE: a job whose submission is still being unpacked is not in the store yet; if it
+        # names this version, it fails at start with "no dataset version" instead of a 409 here.
         users = await self._supervisor.jobs_using(lambda entry: entry.get("dataset") == dataset.id)
         if users:
             raise DatasetInUse(

@@ -154,8 +154,12 @@ class Supervisor:
                 await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def close(self) -> None:
-        """Stop supervising. Containers keep running and are adopted at the next start, unless
-        `lifecycle.stop_containers_on_shutdown` is set: then they are stopped and their jobs end `stopped`."""
+        """Stop supervising jobs.
+
+        Containers keep running and are adopted at the next start, unless
+        `lifecycle.stop_containers_on_shutdown` is set. Then they are stopped
+        and their jobs end `stopped`.
+        """
         if self._pruner is not None:
             self._pruner.cancel()
             await asyncio.gather(self._pruner, return_exceptions=True)
