@@ -11,7 +11,7 @@ from aiohttp import web
 
 from floydd.config import Settings
 from floydd.datasets import DatasetInUse, check_name
-from floydd.errors import InvalidRequest, NotFound
+from floydd.errors import Conflict, InvalidRequest, NotFound
 from floydd.outputs import output_file, send_tar_gz
 from floydd.supervisor import Supervisor
 from floydd.uploads import UnpackLimits, receive_submission, unpack_archive
@@ -41,6 +41,12 @@ class DataApi:
         """Send the job's /output as a tar.gz, or with `?path=FILE` that one file."""
         job = await self._supervisor.get(request.match_info["job_id"])
         folder = self._supervisor.files(job.id).output
+        if not job.state.is_final:
+            # A running container could swap a checked path for a symlink to a host
+            # file before floydd opens it; once the job ended, no process can.
+            raise Conflict(
+                f"job {job.id} is {job.state.value}; its output can be downloaded once it ends", state=job.state.value
+            )
         if "pruned_at" in job.options:
             raise NotFound(f"the output of job {job.id} was pruned at {job.options['pruned_at']}")
         if not folder.is_dir():

@@ -205,11 +205,15 @@ async def test_delete_job_removes_everything(daemon: Daemon, client: aiohttp.Cli
         after = response.status
     async with client.delete(f"{daemon.url}/api/v1/jobs/{running['id']}") as response:
         refused = response.status
+    async with client.get(f"{daemon.url}/api/v1/jobs/{running['id']}/output") as response:
+        output_while_running = response.status
 
     assert deleted == 200
     assert after == 404
     assert not (daemon.state_dir / "jobs" / job["id"]).exists()
     assert refused == 409
+    assert output_while_running == 409
+    assert output_while_running == 409
 
 
 async def test_retention_prunes_files(tmp_path: Path, client: aiohttp.ClientSession, docker_engine: None) -> None:
