@@ -8,7 +8,9 @@ calls that last as long as the container (wait, log follow) have none.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,11 @@ LABEL_MODE = "org.floydd.mode"
 # share one engine, and each reconciles only its own containers.
 LABEL_INSTANCE = "org.floydd.instance"
 APP_PORT = 5000
+# 128 + SIGKILL: the exit code of an OOM kill, and of any other SIGKILL.
+SIGKILL_EXIT_CODE = 137
+# NOTE: one second in all is an estimate of how late dockerd may set OOMKilled.
+OOM_FLAG_POLLS = 5
+OOM_FLAG_POLL_INTERVAL_S = 0.2
 # Longest pause between two tries of a wait or log stream that the engine broke off.
 MAX_RETRY_DELAY_S = 30.0
 
@@ -302,11 +309,46 @@ class DockerRuntime:
         # removal is distinguished from an app killed by a signal (also 137).
         if info is None or state.get("Status") in ("removing", "dead"):
             return ContainerExit(exit_code=-1, oom_killed=False, error="container vanished")
-        return ContainerExit(
-            exit_code=int(result.get("StatusCode", state.get("ExitCode", -1))),
-            oom_killed=bool(state.get("OOMKilled", False)),
-            error=str(state.get("Error") or ""),
-        )
+        exit_code = int(result.get("StatusCode", state.get("ExitCode", -1)))
+        oom_killed = bool(state.get("OOMKilled", False))
+        if exit_code == SIGKILL_EXIT_CODE and not oom_killed:
+            oom_killed = await self._late_oom_flag(container_id)
+        return ContainerExit(exit_code=exit_code, oom_killed=oom_killed, error=str(state.get("Error") or ""))
+
+    async def _late_oom_flag(self, container_id: str) -> bool:
+        """Tell whether a container that exited with 137 was OOM-killed, when OOMKilled was false at first.
+
+        dockerd handles the kernel's OOM event and the exit event separately,
+        so OOMKilled can turn true shortly after the wait has returned, and on
+        a busy engine it was seen to stay false. The `oom` event that dockerd
+        publishes for the container is the second source.
+        """
+        started_at = ""
+        for _ in range(OOM_FLAG_POLLS):
+            await asyncio.sleep(OOM_FLAG_POLL_INTERVAL_S)
+            info = await self.inspect(container_id)
+            if info is None:
+                return False
+            if info.get("State", {}).get("OOMKilled"):
+                return True
+            started_at = str(info.get("State", {}).get("StartedAt") or "")
+        return await self._call(self._oom_event_seen(container_id, started_at), "events")
+
+    async def _oom_event_seen(self, container_id: str, started_at: str) -> bool:
+        try:
+            since_s = parse_rfc3339_ns(started_at) // 1_000_000_000
+        except ValueError:
+            since_s = int(time.time()) - 24 * 3600
+        params = {
+            "since": str(since_s),
+            # One second ahead, so an event from this very second is included.
+            "until": str(int(time.time()) + 1),
+            "filters": json.dumps({"container": [container_id], "event": ["oom"]}),
+        }
+        # NOTE: aiodocker has no call for a bounded event query, so this uses its request helper.
+        async with self.docker._query("events", method="GET", params=params) as response:
+            body = await response.read()
+        return any(line.strip() for line in body.splitlines())
 
     async def stop(self, container_id: str, grace_s: int) -> None:
         container = self.docker.containers.container(container_id)
