@@ -25,7 +25,7 @@ from floydd.uploads import Submission, UnpackLimits, receive_submission, unpack_
 
 log = structlog.get_logger(__name__)
 
-SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime"}) | REQUEST_FIELDS
+SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime", "concurrency"}) | REQUEST_FIELDS
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 LOG_POLL_INTERVAL_S = 0.25
@@ -163,6 +163,9 @@ class JobsApi:
         if "max_uptime" in fields:
             max_uptime_s = parse_duration(fields["max_uptime"])
         max_uptime_s = min(max_uptime_s, self._settings.jobs.max_uptime_limit_s)
+        options = {}
+        if "concurrency" in fields:
+            options["concurrency"] = self._parse_concurrency(fields["concurrency"], mode)
         created_at = utcnow()
         return Job(
             id=job_id,
@@ -173,7 +176,20 @@ class JobsApi:
             created_at=created_at,
             deadline=created_at + timedelta(seconds=max_uptime_s),
             command=command if mode is JobMode.COMMAND else None,
+            options=options,
         )
+
+    def _parse_concurrency(self, text: str, mode: JobMode) -> int:
+        """Parse the requests a serve job takes at once; values over proxy.max_concurrency are capped."""
+        if mode is not JobMode.SERVE:
+            raise InvalidRequest("concurrency applies to serve mode only")
+        try:
+            concurrency = int(text)
+        except ValueError:
+            concurrency = 0
+        if concurrency < 1:
+            raise InvalidRequest(f"invalid concurrency {text!r}: use a whole number of at least 1")
+        return min(concurrency, self._settings.proxy.max_concurrency)
 
     async def list(self, request: web.Request) -> web.Response:
         states = None

@@ -12,7 +12,8 @@ from aiohttp import web
 from floydd.api import JobsApi, error_middleware
 from floydd.config import Settings
 from floydd.dataapi import DataApi
-from floydd.proxy import Proxy
+from floydd.metrics import ProxyMetrics
+from floydd.proxy import Proxy, no_automatic_continue
 from floydd.queue import QueueRegistry
 from floydd.runtime import DockerRuntime
 from floydd.store import JobStore
@@ -43,11 +44,13 @@ def build_app(settings: Settings) -> web.Application:
         supervisor,
     )
     api = JobsApi(settings, supervisor, runtime)
-    proxy = Proxy(settings.proxy, queues, store)
+    metrics = ProxyMetrics(queues, store)
+    proxy = Proxy(settings.proxy, queues, store, metrics, settings.state_path / "spool")
     app.router.add_routes(api.routes())
     app.router.add_routes(DataApi(settings, supervisor).routes())
-    app.router.add_route("*", "/expose/{job_id}", proxy.handle)
-    app.router.add_route("*", "/expose/{job_id}/{tail:.*}", proxy.handle)
+    app.router.add_get("/metrics", metrics.handle)
+    for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
+        app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)
     app.cleanup_ctx.append(_lifetime)
     return app
 

@@ -18,6 +18,7 @@ from aiohttp import web
 from floydd import __version__
 from floydd.config import ConfigError, Settings, load_settings
 from floydd.log import configure_logging
+from floydd.systemd import notify_ready, notify_status, notify_stopping
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format",
         choices=["auto", "json", "console"],
         default="auto",
-        help="json lines, readable console lines, or auto: console on a terminal (default)",
+        help="json lines, readable console lines, or auto (default): console on a terminal or in the "
+        "systemd journal, json otherwise",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -111,6 +113,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         uvloop.run(_run_server(settings, listener))
     except StartupFailed as exc:
         log.error("floydd_start_failed", error=str(exc))
+        notify_status(f"start-up failed: {exc}")
         return EXIT_STARTUP
     return 0
 
@@ -136,6 +139,7 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, so a
     # request that waits in a job's queue leaves it at once.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.server.shutdown_grace_s)
+    notify_status("opening the database and adopting running containers")
     try:
         await runner.setup()
     except Exception as exc:
@@ -147,8 +151,12 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     site = web.SockSite(runner, listener)
     await site.start()
     log.info("floydd_listening", host=settings.server.host, port=settings.server.port, url=settings.base_url())
+    # runner.setup() ran the app's start-up (database open, containers
+    # reconciled) and the socket accepts connections, so floydd is ready.
+    notify_ready(f"listening on {settings.base_url()}")
     await stop.wait()
     log.info("floydd_stopping", grace_s=settings.server.shutdown_grace_s)
+    notify_stopping(f"finishing requests in flight, up to {settings.server.shutdown_grace_s:g} s")
     await runner.cleanup()
 
 

@@ -80,12 +80,25 @@ class UploadSettings:
 
 @dataclass(frozen=True)
 class ProxySettings:
-    # Requests waiting for one job beyond the one in flight; more get 503.
-    max_queue_depth: int = 100
+    # Requests that may wait for one job besides those in flight; more get 503.
+    # 0 sizes each job's queue as 10 times its concurrency, at least 20.
+    max_queue_depth: int = 0
     # Longest wait in the queue, start-up included, before a 503.
     queue_timeout_s: float = 300.0
     # Longest wait for the app to start its response, then 504.
     response_timeout_s: float = 300.0
+    # Longest time from sending a request to the app to the end of its
+    # response; a 504 if the response has not started, else an aborted response.
+    total_timeout_s: float = 300.0
+    # Largest `concurrency` a job may request at creation.
+    max_concurrency: int = 8
+    # Largest request body sent to an app; more gets 413 before the body is read.
+    max_request_body_bytes: int = 4 * 1024**3
+    # Chunked request bodies are read whole before they are queued; up to this
+    # many bytes stay in memory, the rest goes to a temporary file.
+    request_buffer_bytes: int = 1024**2
+    # Longest pause in a chunked request body while floydd reads it, then 408.
+    request_body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -339,6 +352,10 @@ def _check(settings: Settings) -> None:
         "uploads.max_files": settings.uploads.max_files,
         "proxy.queue_timeout_s": settings.proxy.queue_timeout_s,
         "proxy.response_timeout_s": settings.proxy.response_timeout_s,
+        "proxy.total_timeout_s": settings.proxy.total_timeout_s,
+        "proxy.max_concurrency": settings.proxy.max_concurrency,
+        "proxy.max_request_body_bytes": settings.proxy.max_request_body_bytes,
+        "proxy.request_body_timeout_s": settings.proxy.request_body_timeout_s,
         "resources.default_memory_mib": settings.resources.default_memory_mib,
         "resources.max_memory_mib": settings.resources.max_memory_mib,
         "resources.default_cpus": settings.resources.default_cpus,
@@ -354,6 +371,8 @@ def _check(settings: Settings) -> None:
         raise ConfigError("invalid value for jobs.stop_grace_s: must not be negative")
     if settings.proxy.max_queue_depth < 0:
         raise ConfigError("invalid value for proxy.max_queue_depth: must not be negative")
+    if settings.proxy.request_buffer_bytes < 0:
+        raise ConfigError("invalid value for proxy.request_buffer_bytes: must not be negative")
     if not 0 <= settings.server.port <= 65535:
         raise ConfigError(f"invalid value for server.port: {settings.server.port} is not a TCP port")
     if settings.jobs.default_max_uptime_s > settings.jobs.max_uptime_limit_s:

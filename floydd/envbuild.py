@@ -133,9 +133,14 @@ def resolve_suite(build: EnvBuild, os_release: Path = Path("/etc/os-release")) -
         key, _, value = line.partition("=")
         if key.strip() == "VERSION_CODENAME" and value.strip().strip("\"'"):
             return value.strip().strip("\"'")
-    raise EnvBuildError(
-        f"no VERSION_CODENAME in {os_release}; set suite in the [envs.NAME.build] table"
-    )
+    raise EnvBuildError(f"no VERSION_CODENAME in {os_release}; set suite in the [envs.NAME.build] table")
+
+
+def _host_codename() -> str:
+    try:
+        return resolve_suite(EnvBuild(suite=""))
+    except EnvBuildError:
+        return ""
 
 
 def _select_envs(envs: Mapping[str, EnvSettings], names: Sequence[str] | None) -> list[EnvSettings]:
@@ -144,8 +149,7 @@ def _select_envs(envs: Mapping[str, EnvSettings], names: Sequence[str] | None) -
     unknown = [name for name in names if name not in envs]
     if unknown:
         raise EnvBuildError(
-            f"unknown environment {', '.join(repr(name) for name in unknown)}; "
-            f"known: {', '.join(envs) or 'none'}"
+            f"unknown environment {', '.join(repr(name) for name in unknown)}; known: {', '.join(envs) or 'none'}"
         )
     return [envs[name] for name in dict.fromkeys(names)]
 
@@ -161,9 +165,7 @@ async def _connect(url: str) -> AsyncIterator[aiodocker.Docker]:
     # aiodocker 0.27 raises AssertionError, not ValueError, when neither a URL,
     # DOCKER_HOST nor a local socket is found.
     except (ValueError, AssertionError) as exc:
-        raise EnvBuildError(
-            "no Docker engine found: start dockerd, or set docker.url or DOCKER_HOST"
-        ) from exc
+        raise EnvBuildError("no Docker engine found: start dockerd, or set docker.url or DOCKER_HOST") from exc
     try:
         yield docker
     finally:
@@ -232,7 +234,11 @@ async def _ensure_built(
         reason = "forced"
     log.info(
         "env_build_started",
-        env=env.name, image=env.image, reason=reason, suite=suite, variant=build.variant,
+        env=env.name,
+        image=env.image,
+        reason=reason,
+        suite=suite,
+        variant=build.variant,
         packages=len(build.packages),
     )
     started = time.monotonic()
@@ -256,7 +262,9 @@ async def _ensure_built(
         raise EnvBuildError(f"image {env.image} was imported but does not carry the expected labels")
     log.info(
         "env_build_finished",
-        env=env.name, image=env.image, image_id=new_info.get("Id"),
+        env=env.name,
+        image=env.image,
+        image_id=new_info.get("Id"),
         seconds=round(time.monotonic() - started, 1),
     )
     if info is not None and info.get("Id") != new_info.get("Id"):
@@ -280,15 +288,35 @@ async def _make_work_dir(cache_dir: Path, env_name: str) -> Path:
         ) from exc
 
 
+def host_apt_sources(apt_dir: Path = Path("/etc/apt")) -> list[Path]:
+    """Return the host's enabled apt source files: sources.list and sources.list.d/*.list|*.sources."""
+    found = []
+    main_list = apt_dir / "sources.list"
+    try:
+        if any(line.strip() and not line.lstrip().startswith("#") for line in main_list.read_text().splitlines()):
+            found.append(main_list)
+    except OSError:
+        pass
+    parts = apt_dir / "sources.list.d"
+    if parts.is_dir():
+        found.extend(sorted(path for path in parts.iterdir() if path.suffix in (".list", ".sources")))
+    return found
+
+
 async def _run_mmdebstrap(env_name: str, build: EnvBuild, suite: str, tarball: Path) -> None:
-    # No MIRROR argument: mmdebstrap 1.3 then uses Debian's default mirror and,
-    # for a stable suite, adds its updates and security sources (mmdebstrap(1)).
+    # For the host's own release, each of the host's apt source files is passed
+    # as a MIRROR argument, which mmdebstrap(1) pastes into the chroot's
+    # sources: the image then comes from the mirror (or proxy) the host is set
+    # up for. Another release gets mmdebstrap's default mirror and, for a
+    # stable suite, its updates and security sources.
+    sources = await asyncio.to_thread(host_apt_sources) if not build.suite or build.suite == _host_codename() else []
     command = [
         "mmdebstrap",
         f"--variant={build.variant}",
         f"--include={','.join(build.packages)}",
         suite,
         str(tarball),
+        *(str(path) for path in sources),
     ]
     # mmdebstrap assembles the root filesystem in a directory under TMPDIR
     # before it writes the tarball, so this keeps both on the cache's disk.
@@ -296,8 +324,7 @@ async def _run_mmdebstrap(env_name: str, build: EnvBuild, suite: str, tarball: P
     stderr_tail = await _run(command, f"mmdebstrap for environment {env_name!r}", environ)
     if not await asyncio.to_thread(tarball.is_file):
         raise EnvBuildError(
-            f"mmdebstrap for environment {env_name!r} exited 0 but wrote no {tarball}:\n"
-            + "\n".join(stderr_tail)
+            f"mmdebstrap for environment {env_name!r} exited 0 but wrote no {tarball}:\n" + "\n".join(stderr_tail)
         )
 
 
@@ -348,7 +375,7 @@ async def _run(command: list[str], step: str, environ: Mapping[str, str] | None 
         returncode = await process.wait()
     except BaseException:
         # Cancelled (for example by Ctrl-C): stop the command too. SIGTERM
-        # first, because mmdebstrap then unmounts what it mounted in the chroot.
+        # first, because mmdebstrap 1.3 then still removes its temporary chroot.
         if process.returncode is None:
             process.terminate()
             try:
@@ -362,9 +389,7 @@ async def _run(command: list[str], step: str, environ: Mapping[str, str] | None 
     return list(tail)
 
 
-async def _remove_replaced_image(
-    docker: aiodocker.Docker, env: EnvSettings, image_id: str, timeout_s: float
-) -> None:
+async def _remove_replaced_image(docker: aiodocker.Docker, env: EnvSettings, image_id: str, timeout_s: float) -> None:
     """Delete the image a rebuild replaced, unless a container still uses it."""
     try:
         async with asyncio.timeout(timeout_s):

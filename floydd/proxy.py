@@ -1,25 +1,37 @@
 """The `/expose/<id>` reverse proxy: queue each request, then stream it to the app.
 
 Requests for one job wait in that job's FIFO queue (floydd.queue) and reach
-the app one at a time. Bodies stream in both directions in chunks, so memory
-does not grow with their size. Hop-by-hop headers (RFC 9110, section 7.6.1,
-plus those that `Connection` names) are dropped both ways; every other header
-passes unchanged and in order.
+the app `concurrency` at a time (one by default). Bodies stream in both
+directions in chunks, so memory does not grow with their size. Hop-by-hop
+headers (RFC 9110, section 7.6.1, plus those that `Connection` names) are
+dropped both ways; every other header passes unchanged and in order.
+docs/proxy.md describes the contract that clients see.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
 from floydd.config import ProxySettings
-from floydd.errors import FloyddError, JobNotFound, JobNotServing
-from floydd.queue import Admission, QueueRegistry
+from floydd.errors import (
+    BadGateway,
+    FloyddError,
+    GatewayTimeout,
+    JobNotFound,
+    JobNotServing,
+    PayloadTooLarge,
+)
+from floydd.metrics import ProxyMetrics
+from floydd.queue import Admission, JobQueue, QueueRegistry
+from floydd.request_body import RequestBody, read_chunked_body, stream_body
 from floydd.store import JobStore
+from floydd.tunnel import is_websocket_upgrade, tunnel_websocket
 from floydd.upstream import UpstreamBroken, UpstreamResponse, send_request
 
 log = structlog.get_logger(__name__)
@@ -37,12 +49,34 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set again from what is really sent, so never copied.
-_REQUEST_FRAMING = frozenset({b"content-length", b"expect", b"host"})
-_RESPONSE_FRAMING = frozenset({b"content-length"})
-_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix"})
+# Set again from what is really sent, so never copied: the framing, `Expect`
+# (answered by floydd itself), and the headers floydd adds for the app.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"content-length",
+    b"expect",
+    b"host",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+    b"x-forwarded-prefix",
+    b"x-request-id",
+}
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
-BODY_CHUNK_BYTES = 256 * 1024
+# How long a request whose app connection broke waits for the supervisor to
+# record that the job ended, so the 502 can say why (out of memory, exit code).
+JOB_END_WAIT_S = 3.0
+
+
+class JobEnded(BadGateway):
+    """The job ended while the app handled the request."""
+
+    code = "job_ended"
+
+
+class ExpectationFailed(FloyddError):
+    status = 417
+    code = "expectation_failed"
 
 
 def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -54,8 +88,11 @@ def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    drop = HOP_BY_HOP | connection_tokens(headers) | also_drop
+def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+    """Return `headers` without those in `drop` and those that `Connection` names."""
+    named = connection_tokens(headers)
+    if named:
+        drop = drop | named
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
@@ -68,110 +105,273 @@ def upstream_target(raw_path: str, job_id: str) -> bytes:
     return rest.encode("latin-1")
 
 
+async def no_automatic_continue(request: web.Request) -> None:
+    """Keep aiohttp from sending `100 Continue` before floydd has checked the request."""
+
+
 class Proxy:
-    def __init__(self, settings: ProxySettings, queues: QueueRegistry, store: JobStore) -> None:
+    def __init__(
+        self, settings: ProxySettings, queues: QueueRegistry, store: JobStore, metrics: ProxyMetrics, spool_dir: Path
+    ) -> None:
         self._settings = settings
         self._queues = queues
         self._store = store
+        self._metrics = metrics
+        self._spool_dir = spool_dir
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
-        queue = self._queues.get(job_id)
-        if queue is None:
-            raise await self._not_serving(job_id)
         request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        async with queue.slot(self._settings.queue_timeout_s) as admission:
-            return await self._forward(request, job_id, admission, request_id)
+        queue = self._queues.get(job_id)
+        try:
+            if queue is None:
+                raise await self._not_serving(job_id)
+            # Access checks (private jobs) belong here: before the body is read or a slot is taken.
+            if is_websocket_upgrade(request):
+                return await self._tunnel(request, queue, job_id, request_id)
+            response = await self._proxy(request, queue, job_id, request_id)
+        except FloyddError as exc:
+            response = await self._error_response(request, exc, job_id, request_id)
+            if queue is not None:
+                self._metrics.rejected(job_id, exc)
+            else:
+                self._metrics.unrouted(exc)
+        if queue is not None:
+            self._metrics.answered(job_id, response.status)
+        return response
 
     async def _not_serving(self, job_id: str) -> FloyddError:
         job = await self._store.get(job_id)
         if job is None:
             return JobNotFound(f"no job with id {job_id}")
-        return JobNotServing(f"job {job_id} is {job.state.value}, not serving", state=job.state.value)
-
-    async def _forward(
-        self, request: web.Request, job_id: str, admission: Admission, request_id: str
-    ) -> web.StreamResponse:
-        started = time.monotonic()
-        raw_headers = [(bytes(name), bytes(value)) for name, value in request.raw_headers]
-        headers = end_to_end(raw_headers, _REQUEST_FRAMING | _FORWARDED)
-        headers.extend(self._forwarded_headers(request, job_id, raw_headers, request_id))
-        body, content_length = _request_body(request)
-        response = await send_request(
-            admission.upstream,
-            request.method,
-            upstream_target(request.raw_path, job_id),
-            headers,
-            body,
-            content_length=content_length,
-            response_timeout_s=self._settings.response_timeout_s,
+        reason = f" ({job.reason})" if job.reason else ""
+        return JobNotServing(
+            f"job {job_id} is {job.state.value}{reason}, not serving", state=job.state.value, reason=job.reason
         )
-        try:
-            app_s = time.monotonic() - started
-            return await self._relay(request, response, admission, app_s, request_id, job_id)
-        finally:
-            await response.close()
 
-    def _forwarded_headers(
-        self, request: web.Request, job_id: str, raw_headers: list[tuple[bytes, bytes]], request_id: str
-    ) -> list[tuple[bytes, bytes]]:
-        peer = request.remote or ""
-        prior = [value for name, value in raw_headers if name.lower() == b"x-forwarded-for"]
-        forwarded_for = b", ".join([*prior, peer.encode("latin-1")]) if prior else peer.encode("latin-1")
-        return [
-            (b"Host", (request.host or "").encode("latin-1")),
-            (b"X-Forwarded-For", forwarded_for),
-            (b"X-Forwarded-Proto", request.scheme.encode("latin-1")),
-            (b"X-Forwarded-Host", (request.host or "").encode("latin-1")),
-            (b"X-Forwarded-Prefix", f"/expose/{job_id}".encode("latin-1")),
-            (b"X-Request-ID", request_id.encode("latin-1")),
-        ]
-
-    async def _relay(
-        self,
-        request: web.Request,
-        upstream: UpstreamResponse,
-        admission: Admission,
-        app_s: float,
-        request_id: str,
-        job_id: str,
+    async def _error_response(
+        self, request: web.Request, exc: FloyddError, job_id: str, request_id: str
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
-        content_length = None
-        for name, value in end_to_end(upstream.headers, frozenset()):
-            if name.lower() in _RESPONSE_FRAMING:
-                content_length = int(value)
-                continue
-            response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if exc.status >= 500:
+            log.warning(
+                "proxy_request_failed",
+                job_id=job_id,
+                request_id=request_id,
+                status=exc.status,
+                error=exc.code,
+                detail=exc.detail,
+            )
+        response = web.json_response(exc.to_json(), status=exc.status, headers=exc.headers)
         response.headers["X-Request-ID"] = request_id
-        response.headers.add("Server-Timing", f"queue;dur={admission.queued_s * 1000:.1f}, app;dur={app_s * 1000:.1f}")
-        if content_length is not None:
-            response.content_length = content_length
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.iter_body():
-                await response.write(chunk)
-        except UpstreamBroken as exc:
-            log.warning("proxy_upstream_broken", job_id=job_id, request_id=request_id, error=exc.detail)
-            # Abort so the client sees a cut-off response, never one that looks complete.
+        if not request.content.is_eof():
+            # The body was not read; draining an unwanted (maybe huge) body costs more than a new connection.
+            # After a malformed body aiohttp keeps the connection open despite force_close, so close it here.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
             if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
+                request.transport.close()
         return response
 
+    async def _proxy(self, request: web.Request, queue: JobQueue, job_id: str, request_id: str) -> web.StreamResponse:
+        expects_continue = _expects_continue(request)
+        body = await self._request_body(request, expects_continue)
+        try:
+            async with queue.slot(self._settings.queue_timeout_s) as admission:
+                self._metrics.admitted(job_id, admission.queued_s)
+                if expects_continue and not body.buffered:
+                    await _send_continue(request)
+                return await self._forward(request, job_id, admission, body, request_id)
+        finally:
+            body.close()
 
-def _request_body(request: web.Request) -> tuple[AsyncIterator[bytes] | None, int | None]:
-    """Return the request body as a stream, and its length when the client sent one."""
-    if request.content_length is not None:
-        if request.content_length == 0:
-            return None, 0
-        return _iter_content(request), request.content_length
-    if request.body_exists:
-        return _iter_content(request), None
-    return None, None
+    async def _request_body(self, request: web.Request, expects_continue: bool) -> RequestBody:
+        """Check the body's size and framing before the request is queued.
+
+        A chunked body is read whole first (memory, then a temporary file), so
+        the app gets a Content-Length and a malformed body never reaches it.
+        """
+        limit = self._settings.max_request_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
+            raise PayloadTooLarge(
+                f"the request body of {length} bytes is over the limit of {limit} bytes (proxy.max_request_body_bytes)",
+                max_request_body_bytes=limit,
+            )
+        if not request.body_exists:
+            return stream_body(request, None)
+        if length is not None:
+            return stream_body(request, length)
+        if expects_continue:
+            await _send_continue(request)
+        return await read_chunked_body(
+            request,
+            limit,
+            self._settings.request_buffer_bytes,
+            self._spool_dir,
+            self._settings.request_body_timeout_s,
+        )
+
+    async def _forward(
+        self, request: web.Request, job_id: str, admission: Admission, body: RequestBody, request_id: str
+    ) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        # The supervisor closes the queue when the job ends; cancelling breaks off whatever this request awaits.
+        admission.on_job_end(task.cancel)
+        started = time.monotonic()
+        relay = _Relay(request, job_id, request_id)
+        upstream: UpstreamResponse | None = None
+        try:
+            async with asyncio.timeout(self._settings.total_timeout_s):
+                upstream = await send_request(
+                    admission.pool,
+                    request.method,
+                    upstream_target(request.raw_path, job_id),
+                    self._upstream_headers(request, job_id, request_id),
+                    body.chunks(),
+                    content_length=body.length,
+                    response_timeout_s=self._settings.response_timeout_s,
+                )
+                app_s = time.monotonic() - started
+                self._metrics.app_started(job_id, app_s)
+                await relay.send(upstream, admission.queued_s, app_s)
+        except asyncio.CancelledError:
+            if admission.ended is None:
+                raise
+            task.uncancel()
+            return relay.fail(_job_ended(job_id, admission.ended))
+        except TimeoutError as exc:
+            return relay.fail(
+                GatewayTimeout(
+                    f"the app did not finish its response within {self._settings.total_timeout_s:g} s "
+                    "(proxy.total_timeout_s)",
+                    limit="total_timeout_s",
+                ),
+                cause=exc,
+            )
+        except BadGateway as exc:
+            if isinstance(exc, UpstreamBroken) or relay.started:
+                return relay.fail(exc)
+            ended = await admission.wait_ended(JOB_END_WAIT_S)
+            if ended is not None:
+                raise _job_ended(job_id, ended) from exc
+            raise
+        finally:
+            admission.on_job_end(None)
+            if upstream is not None:
+                await upstream.close()
+        return relay.response
+
+    def _upstream_headers(self, request: web.Request, job_id: str, request_id: str) -> list[tuple[bytes, bytes]]:
+        raw_headers = request.raw_headers
+        headers = end_to_end(list(raw_headers), REQUEST_DROP)
+        peer = (request.remote or "").encode("latin-1")
+        prior = [value for name, value in raw_headers if name.lower() == b"x-forwarded-for"]
+        host = (request.host or "").encode("latin-1")
+        headers += (
+            (b"Host", host),
+            (b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer),
+            (b"X-Forwarded-Proto", request.scheme.encode("latin-1")),
+            (b"X-Forwarded-Host", host),
+            (b"X-Forwarded-Prefix", b"/expose/" + job_id.encode("latin-1")),
+            (b"X-Request-ID", request_id.encode("latin-1")),
+        )
+        return headers
+
+    async def _tunnel(self, request: web.Request, queue: JobQueue, job_id: str, request_id: str) -> web.StreamResponse:
+        pool = await queue.wait_open(self._settings.queue_timeout_s)
+        headers = self._upstream_headers(request, job_id, request_id)
+        return await tunnel_websocket(
+            request,
+            pool,
+            upstream_target(request.raw_path, job_id),
+            headers,
+            response_timeout_s=self._settings.response_timeout_s,
+            request_id=request_id,
+            job_id=job_id,
+        )
 
 
-async def _iter_content(request: web.Request) -> AsyncIterator[bytes]:
-    while chunk := await request.content.read(BODY_CHUNK_BYTES):
-        yield chunk
+class _Relay:
+    """The client side of one exchange: sends the app's response, or fails it cleanly."""
+
+    def __init__(self, request: web.Request, job_id: str, request_id: str) -> None:
+        self._request = request
+        self._job_id = job_id
+        self._request_id = request_id
+        self.response = web.StreamResponse()
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def send(self, upstream: UpstreamResponse, queued_s: float, app_s: float) -> None:
+        response = self.response
+        response.set_status(upstream.status, upstream.reason or None)
+        content_length = _copy_response_headers(upstream.headers, response)
+        response.headers["X-Request-ID"] = self._request_id
+        response.headers.add("Server-Timing", f"queue;dur={queued_s * 1000:.1f}, app;dur={app_s * 1000:.1f}")
+        if content_length is not None:
+            response.content_length = content_length
+        await response.prepare(self._request)
+        async for chunk in upstream.iter_body():
+            await response.write(chunk)
+        await response.write_eof()
+
+    def fail(self, error: FloyddError, cause: BaseException | None = None) -> web.StreamResponse:
+        """Return the error as the response, or cut the response off if it has started.
+
+        An aborted connection is what tells the client that a response it has
+        begun to receive is incomplete; a clean end would look complete.
+        """
+        if not self.started:
+            raise error from cause
+        log.warning(
+            "proxy_response_aborted",
+            job_id=self._job_id,
+            request_id=self._request_id,
+            error=error.code,
+            detail=error.detail,
+        )
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+        return self.response
+
+
+def _copy_response_headers(headers: list[tuple[bytes, bytes]], response: web.StreamResponse) -> int | None:
+    """Copy the end-to-end headers; return the Content-Length, which aiohttp sets itself."""
+    content_length = None
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            content_length = int(value)
+    for name, value in end_to_end(headers, RESPONSE_DROP):
+        response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    return content_length
+
+
+def _expects_continue(request: web.Request) -> bool:
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return False
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed(f"unsupported Expect header {expect!r}: only 100-continue is supported")
+    return request.version >= (1, 1) and request.body_exists
+
+
+async def _send_continue(request: web.Request) -> None:
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim response is not part of the final response's size.
+    request.writer.output_size = 0
+
+
+def _job_ended(job_id: str, ended: FloyddError) -> JobEnded:
+    state = ended.extra.get("state")
+    reason = ended.extra.get("reason")
+    why = f"{state} ({reason})" if reason else f"{state}"
+    return JobEnded(
+        f"job {job_id} ended while the app handled this request: {why}",
+        state=state,
+        reason=reason,
+    )

@@ -2,100 +2,188 @@
 
 A serve job's queue exists from submission until the job ends. Requests that
 arrive while the app is still starting wait in it; `open()` lets them in, in
-arrival order, once the app accepts connections; `close()` answers every
-waiter at once with the job's final state instead of leaving it to time out.
+arrival order, once the app accepts connections. `close()` answers every
+waiter at once with the job's final state instead of leaving it to time out,
+and breaks off the requests in flight, whose app has gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from floydd.errors import FloyddError, QueueFull, QueueTimeout
+from floydd.upstream import ConnectionPool, Upstream
+
+__all__ = ["Admission", "JobQueue", "QueueRegistry", "Upstream", "default_queue_depth"]
+
+# Weight of the newest service time in the moving average behind Retry-After.
+SERVICE_TIME_WEIGHT = 0.2
 
 
-@dataclass(frozen=True)
-class Upstream:
-    """Where a serve job's app accepts connections."""
-
-    host: str
-    port: int
+# A floor of 20 lets a crowd of 20 clients wait for a one-at-a-time app
+# instead of being rejected as busy.
+MIN_QUEUE_DEPTH = 20
 
 
-@dataclass(frozen=True)
+def default_queue_depth(concurrency: int) -> int:
+    """Return the queue depth used when the config sets none: 10 per slot, at least MIN_QUEUE_DEPTH.
+
+    The 10 per slot follows the default of Knative's queue-proxy, which allows
+    10 queued requests per unit of container concurrency.
+    """
+    return max(MIN_QUEUE_DEPTH, 10 * concurrency)
+
+
 class Admission:
-    upstream: Upstream
-    queued_s: float
+    """A request's hold on one of the job's slots, from admission to release."""
+
+    __slots__ = ("upstream", "pool", "queued_s", "ended", "_on_end", "_ended_event")
+
+    def __init__(self, pool: ConnectionPool, queued_s: float) -> None:
+        self.upstream = pool.upstream
+        self.pool = pool
+        self.queued_s = queued_s
+        # The job's final state, set when the job ends while this request is in flight.
+        self.ended: FloyddError | None = None
+        self._on_end: Callable[[], object] | None = None
+        self._ended_event: asyncio.Event | None = None
+
+    def on_job_end(self, callback: Callable[[], object] | None) -> None:
+        """Call `callback` if the job ends while this request holds its slot."""
+        self._on_end = callback
+
+    async def wait_ended(self, timeout_s: float) -> FloyddError | None:
+        """Wait up to `timeout_s` for the job to end; return its final state, or None if it did not."""
+        if self.ended is None:
+            if self._ended_event is None:
+                self._ended_event = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._ended_event.wait()
+            except TimeoutError:
+                return None
+        return self.ended
+
+    def end(self, error: FloyddError) -> None:
+        self.ended = error
+        if self._ended_event is not None:
+            self._ended_event.set()
+        if self._on_end is not None:
+            self._on_end()
 
 
 class JobQueue:
-    def __init__(self, job_id: str, *, concurrency: int = 1, max_depth: int = 100) -> None:
+    def __init__(self, job_id: str, *, concurrency: int = 1, max_depth: int = 10) -> None:
         self.job_id = job_id
         self.concurrency = concurrency
         self.max_depth = max_depth
-        self.in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[Upstream]] = collections.deque()
-        self._upstream: Upstream | None = None
+        self._waiters: collections.deque[asyncio.Future[ConnectionPool]] = collections.deque()
+        self._admitted: set[Admission] = set()
+        self._pool: ConnectionPool | None = None
+        self._opened = asyncio.Event()
         self._closed: FloyddError | None = None
+        # Slots granted, counting waiters whose grant their task has not yet seen.
+        self._busy = 0
+        self._service_s = 0.0
 
     @property
     def depth(self) -> int:
         """Requests waiting for a slot, not counting those in flight."""
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        return len(self._waiters)
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
 
     @property
     def is_open(self) -> bool:
-        return self._upstream is not None and self._closed is None
+        return self._pool is not None and self._closed is None
+
+    @property
+    def closed(self) -> FloyddError | None:
+        """The error requests get once the job has ended, or None while it has not."""
+        return self._closed
 
     def open(self, upstream: Upstream) -> None:
         """Let requests through to `upstream`, in arrival order."""
-        self._upstream = upstream
+        self._pool = ConnectionPool(upstream)
+        self._opened.set()
         self._admit()
 
     def close(self, error: FloyddError) -> None:
-        """Reject every waiting and future request with `error`."""
+        """Reject every waiting and future request with `error`, and break off those in flight."""
         self._closed = error
+        self._opened.set()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(error)
+        for admission in list(self._admitted):
+            admission.end(error)
+        if self._pool is not None:
+            self._pool.close()
+
+    async def wait_open(self, timeout_s: float) -> ConnectionPool:
+        """Wait until the app accepts connections, without taking a slot (for WebSockets)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._opened.wait()
+        except TimeoutError as exc:
+            raise self._queue_timeout(timeout_s) from exc
+        if self._closed is not None:
+            raise self._closed
+        assert self._pool is not None
+        return self._pool
+
+    def retry_after_s(self) -> int:
+        """Estimate in whole seconds when a rejected request could be admitted.
+
+        The estimate is the time to serve the requests ahead of it, from the
+        moving average of recent service times; it is at least 1.
+        """
+        ahead = self.depth + self.in_flight
+        return max(1, math.ceil(ahead * self._service_s / self.concurrency))
 
     @asynccontextmanager
     async def slot(self, timeout_s: float) -> AsyncIterator[Admission]:
         """Wait for this request's turn, hold the slot for the body, then release it."""
         started = time.monotonic()
-        upstream = await self._acquire(timeout_s)
+        pool = await self._acquire(timeout_s)
+        admitted = time.monotonic()
+        admission = Admission(pool, admitted - started)
+        self._admitted.add(admission)
         try:
-            yield Admission(upstream=upstream, queued_s=time.monotonic() - started)
+            yield admission
         finally:
+            self._admitted.discard(admission)
+            self._record_service(time.monotonic() - admitted)
             self._release()
 
-    async def _acquire(self, timeout_s: float) -> Upstream:
+    async def _acquire(self, timeout_s: float) -> ConnectionPool:
         if self._closed is not None:
             raise self._closed
-        if self._upstream is not None and self.in_flight < self.concurrency and not self.depth:
-            self.in_flight += 1
-            return self._upstream
-        if self.depth >= self.max_depth:
+        if self._pool is not None and self._busy < self.concurrency and not self._waiters:
+            self._busy += 1
+            return self._pool
+        if len(self._waiters) >= self.max_depth:
             raise QueueFull(
-                f"job {self.job_id} already has {self.depth} requests waiting (the maximum)",
+                f"job {self.job_id}'s queue is full: {self.depth} requests are waiting, the maximum; retry later",
                 queue_depth=self.depth,
-                headers={"Retry-After": "1"},
+                max_queue_depth=self.max_depth,
+                headers={"Retry-After": str(self.retry_after_s())},
             )
-        waiter: asyncio.Future[Upstream] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[ConnectionPool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout_s):
                 return await waiter
         except TimeoutError as exc:
-            raise QueueTimeout(
-                f"request waited {timeout_s:g} s in job {self.job_id}'s queue (proxy.queue_timeout_s)",
-                limit="queue_timeout_s",
-            ) from exc
+            raise self._queue_timeout(timeout_s) from exc
         except asyncio.CancelledError:
             # The client left. If the slot was granted in the same instant, hand it on.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
@@ -105,30 +193,45 @@ class JobQueue:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
+    def _queue_timeout(self, timeout_s: float) -> QueueTimeout:
+        return QueueTimeout(
+            f"the request waited {timeout_s:g} s in job {self.job_id}'s queue without being admitted "
+            "(proxy.queue_timeout_s)",
+            limit="queue_timeout_s",
+        )
+
+    def _record_service(self, service_s: float) -> None:
+        if self._service_s == 0.0:
+            self._service_s = service_s
+        else:
+            self._service_s += SERVICE_TIME_WEIGHT * (service_s - self._service_s)
+
     def _release(self) -> None:
-        self.in_flight -= 1
+        self._busy -= 1
         self._admit()
 
     def _admit(self) -> None:
-        if self._closed is not None or self._upstream is None:
+        if self._closed is not None or self._pool is None:
             return
-        while self._waiters and self.in_flight < self.concurrency:
+        while self._waiters and self._busy < self.concurrency:
             waiter = self._waiters.popleft()
             if waiter.done():
                 continue
-            self.in_flight += 1
-            waiter.set_result(self._upstream)
+            self._busy += 1
+            waiter.set_result(self._pool)
 
 
 class QueueRegistry:
     """The queues of the serve jobs that have not ended, by job id."""
 
-    def __init__(self, max_depth: int) -> None:
+    def __init__(self, max_depth: int = 0) -> None:
+        # 0 sizes each queue from its job's concurrency (default_queue_depth).
         self._max_depth = max_depth
         self._queues: dict[str, JobQueue] = {}
 
     def create(self, job_id: str, concurrency: int = 1) -> JobQueue:
-        queue = JobQueue(job_id, concurrency=concurrency, max_depth=self._max_depth)
+        max_depth = self._max_depth or default_queue_depth(concurrency)
+        queue = JobQueue(job_id, concurrency=concurrency, max_depth=max_depth)
         self._queues[job_id] = queue
         return queue
 
@@ -139,6 +242,9 @@ class QueueRegistry:
         queue = self._queues.pop(job_id, None)
         if queue is not None:
             queue.close(error)
+
+    def values(self) -> list[JobQueue]:
+        return list(self._queues.values())
 
     def __len__(self) -> int:
         return len(self._queues)

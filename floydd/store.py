@@ -119,6 +119,12 @@ class JobStore:
             rows = await cursor.fetchall()
         return [_from_row(row) for row in rows]
 
+    async def count_by_state(self) -> dict[str, int]:
+        """Return how many jobs are in each state that has any."""
+        async with self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state") as cursor:
+            rows = await cursor.fetchall()
+        return {str(state): int(count) for state, count in rows}
+
 
 async def _migrate(connection: aiosqlite.Connection) -> None:
     async with connection.execute("PRAGMA user_version") as cursor:

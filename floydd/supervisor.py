@@ -275,7 +275,7 @@ class Supervisor:
         handle = _Handle()
         self._handles[job.id] = handle
         if job.mode is JobMode.SERVE and self._queues.get(job.id) is None:
-            queue = self._queues.create(job.id)
+            queue = self._queues.create(job.id, concurrency=int(job.options.get("concurrency", 1)))
             if adopt and job.host_port is not None and job.state is JobState.SERVING:
                 queue.open(Upstream("127.0.0.1", job.host_port))
         handle.task = asyncio.create_task(self._supervise(job, handle, adopt), name=f"job-{job.id}")
@@ -481,10 +481,11 @@ class Supervisor:
                 exit_code=updated.exit_code,
             )
         if state.is_final:
-            ending = f" ({updated.reason})" if updated.reason else ""
-            self._queues.remove(
-                job.id, JobNotServing(f"job {job.id} is {state.value}{ending}, not serving", state=state.value)
+            reason = f" ({updated.reason})" if updated.reason else ""
+            ended = JobNotServing(
+                f"job {job.id} is {state.value}{reason}, not serving", state=state.value, reason=updated.reason
             )
+            self._queues.remove(job.id, ended)
         return updated
 
 

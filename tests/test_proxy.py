@@ -1,0 +1,486 @@
+"""The proxy against small upstreams on 127.0.0.1 that misbehave on purpose.
+
+These run floydd's Proxy in-process (tests/proxy_harness.py) because the
+faults (a refused port, a stall, a response cut short, a reused connection
+closed under the proxy) cannot be produced on demand by a Flask app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from floydd.errors import JobNotServing
+from tests.proxy_harness import RawUpstream, http_response, raw_exchange, raw_upstream, read_request, running_proxy
+
+
+async def keepalive_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        await read_request(reader)
+        writer.write(http_response(b"kept"))
+        await writer.drain()
+
+
+async def closing_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_request(reader)
+    writer.write(http_response(b"closed", headers=("Connection: close",)))
+    await writer.drain()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("handler", "connections"),
+    [(keepalive_app, 1), (closing_app, 5)],
+    ids=["keep-alive", "close"],
+)
+async def test_upstream_connection_reuse(tmp_path: Path, handler, connections: int) -> None:
+    upstream = await raw_upstream(handler)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        statuses = []
+        for _ in range(5):
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                await response.read()
+                statuses.append(response.status)
+    assert statuses == [200] * 5
+    assert upstream.connections == connections
+
+
+async def test_concurrent_clients_closing_app(tmp_path: Path) -> None:
+    upstream = await raw_upstream(closing_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+
+        async def worker() -> list[int]:
+            statuses = []
+            for _ in range(50):
+                async with client.get(proxy.url + proxy.path("/")) as response:
+                    await response.read()
+                    statuses.append(response.status)
+            return statuses
+
+        results = await asyncio.gather(*(worker() for _ in range(4)))
+    assert [status for result in results for status in result] == [200] * 200
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", 200), ("POST", 502)])
+async def test_stale_pooled_connection_retry(tmp_path: Path, method: str, expected: int) -> None:
+    """The app answers one request per connection, then drops the next one unanswered."""
+    answered: list[bytes] = []
+
+    async def one_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        answered.append(head.split(b" ")[0])
+        writer.write(http_response(b"first"))
+        await writer.drain()
+        await read_request(reader)
+
+    upstream = await raw_upstream(one_then_drop)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.request(method, proxy.url + proxy.path("/"), data=b"x" * (method == "POST")) as first:
+            assert first.status == 200
+        async with client.request(method, proxy.url + proxy.path("/"), data=b"x" * (method == "POST")) as second:
+            assert second.status == expected
+    assert answered == [method.encode()] * (expected == 200 and 2 or 1)
+
+
+async def test_refused_connection_gives_502(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path, free_port()) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.json()
+    assert response.status == 502
+    assert "not accepting connections" in body["detail"]
+    assert response.headers["X-Request-ID"]
+
+
+async def test_stalled_app_gives_504(tmp_path: Path) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(30)
+
+    upstream = await raw_upstream(stall)
+    async with running_proxy(tmp_path, upstream.port, response_timeout_s=0.3) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.json()
+        in_flight = proxy.queue.in_flight
+    assert response.status == 504
+    assert body["limit"] == "response_timeout_s"
+    assert in_flight == 0
+
+
+async def test_slow_headers_hit_total_timeout(tmp_path: Path) -> None:
+    async def slow_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        for part in (b"HTTP/1.1 200 OK\r\n", b"X-Slow: 1\r\n", b"X-Slower: 1\r\n"):
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(30)
+
+    upstream = await raw_upstream(slow_head)
+    async with running_proxy(tmp_path, upstream.port, total_timeout_s=0.3) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.json()
+    assert response.status == 504
+    assert body["limit"] == "total_timeout_s"
+
+
+@pytest.mark.parametrize(
+    "response_bytes",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_app_dying_mid_response_aborts(tmp_path: Path, response_bytes: bytes) -> None:
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(response_bytes)
+        await writer.drain()
+        writer.transport.abort()
+
+    upstream = await raw_upstream(die)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        raw = await raw_exchange(proxy.url, f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    if b"Content-Length: 1000" in head:
+        assert len(body) < 1000
+    else:
+        assert not body.endswith(b"0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcde\r\n0\r\n\r\n",
+        b"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"4\r\nabcd\r\n0\r\n\r\n",
+        b"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        b"POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabcd\r\n0\r\n\r\n",
+    ],
+    ids=["chunk-size-mismatch", "length-and-chunked", "two-lengths", "bad-chunk-size"],
+)
+async def test_bad_framing_gives_400(tmp_path: Path, request_bytes: bytes) -> None:
+    upstream = await raw_upstream(keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        raw = await raw_exchange(proxy.url, request_bytes.replace(b"{path}", proxy.path("/").encode()))
+        in_flight = proxy.queue.in_flight
+    assert raw.split(b"\r\n", 1)[0].split(b" ")[1] == b"400"
+    assert upstream.connections == 0
+    assert in_flight == 0
+
+
+async def test_late_bad_chunk_rejected(tmp_path: Path) -> None:
+    """The malformed chunk arrives after the handler has started reading the body.
+
+    aiohttp does not report that error to the handler, so the body timeout answers it.
+    """
+    upstream = await raw_upstream(keepalive_app)
+    async with running_proxy(tmp_path, upstream.port, request_body_timeout_s=0.5) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+        writer.write(f"POST {proxy.path('/')} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"4\r\nabcde\r\n0\r\n\r\n")
+        async with asyncio.timeout(5):
+            raw = await reader.read(-1)
+        writer.close()
+    assert raw.split(b" ")[1] in (b"400", b"408")
+    assert upstream.connections == 0
+
+
+async def test_chunked_body_sent_with_length(tmp_path: Path) -> None:
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        received.append(head)
+        writer.write(http_response(str(len(body)).encode()))
+
+    upstream = await raw_upstream(record)
+    payload = bytes(range(256)) * 4096 * 2
+    async with running_proxy(tmp_path, upstream.port, request_buffer_bytes=64 * 1024) as proxy:
+        async with aiohttp.ClientSession() as client:
+
+            async def chunks():
+                for start in range(0, len(payload), 100_000):
+                    yield payload[start : start + 100_000]
+
+            async with client.post(proxy.url + proxy.path("/"), data=chunks()) as response:
+                text = await response.text()
+    assert text == str(len(payload))
+    assert f"Content-Length: {len(payload)}".encode() in received[0]
+    assert b"chunked" not in received[0].lower()
+
+
+@pytest.mark.parametrize(
+    ("target", "length", "status"),
+    [("known", 10, b"200"), ("unknown", 10, b"404"), ("known", 10_000, b"413")],
+)
+async def test_expect_continue(tmp_path: Path, target: str, length: int, status: bytes) -> None:
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, body = await read_request(reader)
+        received.append(head)
+        writer.write(http_response(body))
+
+    upstream = await raw_upstream(record)
+    async with running_proxy(tmp_path, upstream.port, max_request_body_bytes=1000) as proxy:
+        path = proxy.path("/") if target == "known" else "/expose/0123456789abcdef0123456789abcdef/"
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: {length}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            first = await reader.readuntil(b"\r\n\r\n")
+        if status == b"200":
+            assert first.startswith(b"HTTP/1.1 100 Continue")
+            writer.write(b"x" * length)
+            async with asyncio.timeout(5):
+                final = await reader.readuntil(b"\r\n\r\n")
+        else:
+            final = first
+        writer.close()
+    assert final.split(b" ")[1] == status
+    if status == b"200":
+        assert b"expect" not in received[0].lower()
+    else:
+        assert upstream.connections == 0
+
+
+async def test_hop_by_hop_headers_dropped(tmp_path: Path) -> None:
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        received.append(head)
+        headers = ("Connection: X-App-Hop", "X-App-Hop: 1", "Keep-Alive: timeout=5", "X-End: 1")
+        writer.write(http_response(b"ok", headers=headers))
+
+    upstream = await raw_upstream(record)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        request = (
+            f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\nConnection: close, X-Client-Hop\r\n"
+            "X-Client-Hop: 1\r\nTE: trailers\r\nProxy-Authorization: secret\r\nX-Kept: 1\r\n\r\n"
+        )
+        raw = await raw_exchange(proxy.url, request.encode())
+    head = raw.split(b"\r\n\r\n")[0].lower()
+    sent = received[0].lower()
+    for name in (b"x-client-hop", b"te:", b"proxy-authorization", b"connection"):
+        assert name not in sent
+    assert b"x-kept: 1" in sent
+    for name in (b"x-app-hop", b"keep-alive"):
+        assert name not in head
+    assert b"x-end: 1" in head
+
+
+async def test_request_id_kept_or_generated(tmp_path: Path) -> None:
+    received: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            received.append(head)
+            writer.write(http_response())
+
+    upstream = await raw_upstream(record)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/"), headers={"X-Request-ID": "abc-123"}) as kept:
+            assert kept.headers["X-Request-ID"] == "abc-123"
+        async with client.get(proxy.url + proxy.path("/")) as generated:
+            generated_id = generated.headers["X-Request-ID"]
+            timing = generated.headers["Server-Timing"]
+    assert b"X-Request-ID: abc-123\r\n" in received[0]
+    assert f"X-Request-ID: {generated_id}\r\n".encode() in received[1]
+    assert received[0].count(b"X-Request-ID") == 1
+    assert timing.startswith("queue;dur=")
+    assert ", app;dur=" in timing
+
+
+async def hold_upstream(release: asyncio.Event, entered: list[bytes]) -> RawUpstream:
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        entered.append(head.split(b" ")[1])
+        await release.wait()
+        writer.write(http_response(b"done", headers=("Connection: close",)))
+        await writer.drain()
+
+    return await raw_upstream(held)
+
+
+async def test_crowd_served_in_order(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    entered: list[bytes] = []
+    upstream = await hold_upstream(release, entered)
+    async with running_proxy(tmp_path, upstream.port, max_queue_depth=20) as proxy:
+        async with aiohttp.ClientSession() as client:
+
+            async def call(seq: int, timeout_s: float = 30) -> int:
+                try:
+                    async with client.get(
+                        proxy.url + proxy.path(f"/{seq}"), timeout=aiohttp.ClientTimeout(total=timeout_s)
+                    ) as response:
+                        await response.read()
+                        return response.status
+                except TimeoutError:
+                    return 0
+
+            calls = []
+            for seq in range(10):
+                calls.append(asyncio.create_task(call(seq)))
+                await asyncio.sleep(0.02)
+            leavers = [asyncio.create_task(call(100 + seq, timeout_s=0.3)) for seq in range(5)]
+            left = await asyncio.gather(*leavers)
+            for _ in range(50):
+                if proxy.queue.depth == 9:
+                    break
+                await asyncio.sleep(0.05)
+            depth_after_leaving = proxy.queue.depth
+            release.set()
+            statuses = await asyncio.gather(*calls)
+    assert left == [0] * 5
+    assert depth_after_leaving == 9
+    assert statuses == [200] * 10
+    assert entered == [f"/{seq}".encode() for seq in range(10)]
+
+
+async def test_full_queue_gives_503(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    upstream = await hold_upstream(release, [])
+    async with running_proxy(tmp_path, upstream.port, max_queue_depth=2) as proxy:
+        async with aiohttp.ClientSession() as client:
+            waiting = [asyncio.create_task(client.get(proxy.url + proxy.path("/"))) for _ in range(3)]
+            await asyncio.sleep(0.3)
+            async with client.get(proxy.url + proxy.path("/")) as rejected:
+                body = await rejected.json()
+            release.set()
+            for response in await asyncio.gather(*waiting):
+                response.release()
+    assert rejected.status == 503
+    assert body["error"] == "queue_full"
+    assert body["queue_depth"] == 2
+    assert int(rejected.headers["Retry-After"]) >= 1
+
+
+async def test_queue_wait_limit_gives_503(tmp_path: Path) -> None:
+    async with running_proxy(tmp_path, None, queue_timeout_s=0.2) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.json()
+    assert response.status == 503
+    assert body["limit"] == "queue_timeout_s"
+
+
+async def test_job_end_answers_everyone(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    upstream = await hold_upstream(release, [])
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        async with aiohttp.ClientSession() as client:
+
+            async def call() -> tuple[int, dict[str, object]]:
+                async with client.get(proxy.url + proxy.path("/")) as response:
+                    return response.status, await response.json()
+
+            calls = [asyncio.create_task(call()) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            ended = JobNotServing("job is failed (out of memory), not serving", state="failed", reason="out of memory")
+            proxy.queues.remove(proxy.job_id, ended)
+            async with asyncio.timeout(2):
+                results = await asyncio.gather(*calls)
+        release.set()
+    statuses = sorted(status for status, _ in results)
+    in_flight_body = next(body for status, body in results if status == 502)
+    assert statuses == [502, 503, 503, 503]
+    assert in_flight_body["error"] == "job_ended"
+    assert in_flight_body["reason"] == "out of memory"
+
+
+async def test_client_leaving_frees_slot(tmp_path: Path) -> None:
+    upstream_closed = asyncio.Event()
+
+    async def stream_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head, _ = await read_request(reader)
+        if b"/forever" not in head:
+            writer.write(http_response(b"next", headers=("Connection: close",)))
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                writer.write(b"5\r\nline\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            upstream_closed.set()
+
+    upstream = await raw_upstream(stream_forever)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            async with client.get(
+                proxy.url + proxy.path("/forever"), timeout=aiohttp.ClientTimeout(total=0.5)
+            ) as response:
+                await response.read()
+        async with asyncio.timeout(2):
+            await upstream_closed.wait()
+        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as response:
+            text = await response.text()
+    assert text == "next"
+
+
+async def test_websocket_passes_without_slot(tmp_path: Path) -> None:
+    async def ws_echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str("echo:" + message.data)
+        return ws
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.Response(text="plain")
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_echo)
+    app.router.add_get("/plain", plain)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with running_proxy(tmp_path, port) as proxy, aiohttp.ClientSession() as client:
+            async with client.ws_connect(proxy.url + proxy.path("/ws")) as ws:
+                await ws.send_str("hello")
+                echoed = await ws.receive_str()
+                async with client.get(proxy.url + proxy.path("/plain")) as response:
+                    plain_text = await response.text()
+                await ws.send_str("again")
+                echoed_again = await ws.receive_str()
+    finally:
+        await runner.cleanup()
+    assert echoed == "echo:hello"
+    assert plain_text == "plain"
+    assert echoed_again == "echo:again"
+
+
+async def test_metrics_count_requests(tmp_path: Path) -> None:
+    upstream = await raw_upstream(keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/")) as response:
+            await response.read()
+        async with client.get(proxy.url + "/metrics") as response:
+            text = await response.text()
+    job = proxy.job_id
+    assert f'floydd_proxy_requests_total{{job_id="{job}",status_class="2xx"}} 1.0' in text
+    assert f'floydd_proxy_queue_depth{{job_id="{job}"}} 0.0' in text
+    assert f'floydd_proxy_queue_wait_seconds_count{{job_id="{job}"}} 1.0' in text
+    assert 'floydd_jobs{state="serving"} 1.0' in text
