@@ -25,6 +25,7 @@ from aiodocker.exceptions import DockerError
 from floydd.config import DockerSettings
 from floydd.errors import RuntimeFailure
 from floydd.jobs import Job, JobMode
+from floydd.kernellog import oom_kill_logged
 
 log = structlog.get_logger(__name__)
 
@@ -321,7 +322,8 @@ class DockerRuntime:
         dockerd handles the kernel's OOM event and the exit event separately,
         so OOMKilled can turn true shortly after the wait has returned, and on
         a busy engine it was seen to stay false. The `oom` event that dockerd
-        publishes for the container is the second source.
+        publishes for the container is the second source, and the kernel log,
+        where readable, the third.
         """
         started_at = ""
         for _ in range(OOM_FLAG_POLLS):
@@ -332,7 +334,12 @@ class DockerRuntime:
             if info.get("State", {}).get("OOMKilled"):
                 return True
             started_at = str(info.get("State", {}).get("StartedAt") or "")
-        return await self._call(self._oom_event_seen(container_id, started_at), "events")
+        if await self._call(self._oom_event_seen(container_id, started_at), "events"):
+            return True
+        in_kernel_log = await asyncio.to_thread(oom_kill_logged, container_id)
+        if in_kernel_log:
+            log.info("oom_kill_found_in_kernel_log", container_id=container_id[:12])
+        return bool(in_kernel_log)
 
     async def _oom_event_seen(self, container_id: str, started_at: str) -> bool:
         try:

@@ -314,21 +314,20 @@ async def test_serve_oom_ends_queued_requests(daemons: Daemons, client: aiohttp.
     job = await submit_ok(client, daemon, project, mode="serve", memory="128m")
     await wait_for_state(client, daemon, job["id"], {"serving"})
 
-    async def call() -> int:
+    async def call() -> tuple[int, str]:
         async with client.get(f"{job['endpoint']}/eat") as response:
-            await response.read()
-            return response.status
+            return response.status, await response.text()
 
     first = asyncio.create_task(call())
     await asyncio.sleep(0.05)
     queued = [asyncio.create_task(call()) for _ in range(3)]
-    statuses = await asyncio.wait_for(asyncio.gather(first, *queued), timeout=60)
+    answers = await asyncio.wait_for(asyncio.gather(first, *queued), timeout=60)
     ended = await wait_for_state(client, daemon, job["id"], {"failed"}, timeout_s=30)
 
-    # The exact status of each request is the proxy's concern; here every
-    # request must end with an error instead of waiting on a dead container.
-    assert all(status >= 500 for status in statuses)
     assert ended["reason"] == "out of memory"
+    for status, body in answers:
+        assert status in (502, 503)
+        assert "out of memory" in body
 
 
 async def test_exit_while_down_is_recorded(daemons: Daemons, client: aiohttp.ClientSession, tmp_path) -> None:
