@@ -9,10 +9,13 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from floydd.admission import guard_routes, unknown_api_routes
 from floydd.api import JobsApi, error_middleware
+from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore, auth_middleware
 from floydd.config import Settings
 from floydd.dataapi import DataApi
 from floydd.metrics import ProxyMetrics
+from floydd.openapi import openapi_routes
 from floydd.proxy import Proxy, no_automatic_continue
 from floydd.queue import QueueRegistry
 from floydd.runtime import DockerRuntime
@@ -35,7 +38,9 @@ def build_app(settings: Settings) -> web.Application:
     queues = QueueRegistry(settings.proxy.max_queue_depth)
     supervisor = Supervisor(settings, store, runtime, queues)
 
-    app = web.Application(middlewares=[error_middleware])
+    # error_middleware comes first so that auth_middleware's 401 becomes JSON.
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app[AUTHENTICATOR] = Authenticator(TokenStore(store), store)
     app[SETTINGS], app[STORE], app[RUNTIME], app[QUEUES], app[SUPERVISOR] = (
         settings,
         store,
@@ -43,11 +48,14 @@ def build_app(settings: Settings) -> web.Application:
         queues,
         supervisor,
     )
-    api = JobsApi(settings, supervisor, runtime)
+    api = JobsApi(settings, supervisor, runtime, store)
     metrics = ProxyMetrics(queues, store)
     proxy = Proxy(settings.proxy, queues, store, metrics, settings.state_path / "spool")
-    app.router.add_routes(api.routes())
-    app.router.add_routes(DataApi(settings, supervisor).routes())
+    # Every /api route, the catch-all for unknown ones included, authenticates before `100 Continue`.
+    app.router.add_routes(guard_routes(api.routes()))
+    app.router.add_routes(guard_routes(openapi_routes()))
+    app.router.add_routes(unknown_api_routes())
+    app.router.add_routes(guard_routes(DataApi(settings, supervisor).routes()))
     app.router.add_get("/metrics", metrics.handle)
     for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
         app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)

@@ -1,4 +1,5 @@
-"""Command line: `floydd serve` runs the daemon, `floydd env build` prepares images."""
+"""Command line: `floydd serve` runs the daemon, `floydd env build` prepares images,
+`floydd token` manages API tokens."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ import dataclasses
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 import uvloop
 from aiohttp import web
 
 from floydd import __version__
+from floydd.auth import TokenRecord, TokenStore
 from floydd.config import ConfigError, Settings, load_settings
+from floydd.errors import FloyddError
 from floydd.log import configure_logging
+from floydd.store import JobStore
 from floydd.systemd import notify_ready, notify_status, notify_stopping
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
@@ -64,7 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     listing = env_commands.add_parser("list", help="list the config's envs and their images")
     _add_config_argument(listing)
     listing.set_defaults(handler=_env_list)
+    _add_token_commands(commands)
     return parser
+
+
+def _add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = commands.add_parser("token", help="manage API tokens; works whether or not the daemon runs")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="TOKEN_COMMAND")
+    create = token_commands.add_parser("create", help="create a token for a user and print it once")
+    create.add_argument("name", metavar="NAME", help="user name; the user is created on first use")
+    create.add_argument("--admin", action="store_true", help="the user sees and stops every job, without limits")
+    create.set_defaults(handler=_token_create)
+    listing = token_commands.add_parser("list", help="list tokens: id, user, role, created, revoked")
+    listing.set_defaults(handler=_token_list)
+    revoke = token_commands.add_parser("revoke", help="revoke a token by its id; it stops working at once")
+    revoke.add_argument("token_id", metavar="ID", help="the token's id, as `floydd token list` shows it")
+    revoke.set_defaults(handler=_token_revoke)
+    for parser in (create, listing, revoke):
+        _add_config_argument(parser)
+        parser.add_argument("--state-dir", help="folder of the daemon's database (overrides server.state_dir)")
 
 
 def _add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +162,18 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     app = build_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, so a
     # request that waits in a job's queue leaves it at once.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=settings.server.shutdown_grace_s)
+    server = settings.server
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=server.shutdown_grace_s,
+        max_line_size=server.max_request_line_bytes,
+        max_field_size=server.max_header_bytes,
+        max_headers=server.max_headers,
+        # aiohttp's timer for idle keep-alive connections starts when a connection
+        # opens and closes it if no complete request head arrived: the header timeout.
+        keepalive_timeout=server.keepalive_timeout_s,
+    )
     notify_status("opening the database and adopting running containers")
     try:
         await runner.setup()
@@ -180,6 +215,56 @@ def _env_list(settings: Settings, args: argparse.Namespace) -> int:
         marker = " (default)" if env.name == default else ""
         print(f"{env.name}{marker}\t{env.image}\t{built}\t{env.description}")
     return 0
+
+
+def _token_create(settings: Settings, args: argparse.Namespace) -> int:
+    async def create(tokens: TokenStore) -> tuple[str, TokenRecord]:
+        return await tokens.create(args.name, admin=args.admin)
+
+    try:
+        token, record = uvloop.run(_with_tokens(settings, create))
+    except FloyddError as exc:
+        print(f"floydd: {exc.detail}", file=sys.stderr)
+        return 1
+    # Only the token goes to stdout, so that `TOKEN=$(floydd token create ...)` works.
+    print(token)
+    role = "admin" if record.is_admin else "user"
+    print(f"floydd: created token {record.id} for {role} {record.user_name!r}; it is shown only once", file=sys.stderr)
+    return 0
+
+
+def _token_list(settings: Settings, args: argparse.Namespace) -> int:
+    async def listing(tokens: TokenStore) -> list[TokenRecord]:
+        return await tokens.list()
+
+    print("ID\tUSER\tROLE\tCREATED\tREVOKED")
+    for record in uvloop.run(_with_tokens(settings, listing)):
+        role = "admin" if record.is_admin else "user"
+        print(f"{record.id}\t{record.user_name}\t{role}\t{record.created_at}\t{record.revoked_at or '-'}")
+    return 0
+
+
+def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    async def revoke(tokens: TokenStore) -> TokenRecord:
+        return await tokens.revoke(args.token_id)
+
+    try:
+        record = uvloop.run(_with_tokens(settings, revoke))
+    except FloyddError as exc:
+        print(f"floydd: {exc.detail}", file=sys.stderr)
+        return 1
+    print(f"revoked token {record.id} of user {record.user_name}")
+    return 0
+
+
+async def _with_tokens(settings: Settings, action: Callable[[TokenStore], Awaitable[_T]]) -> _T:
+    """Open the daemon's database, which may be in use by a running daemon, and run `action`."""
+    store = JobStore(settings.state_path / "floydd.sqlite3")
+    await store.open()
+    try:
+        return await action(TokenStore(store))
+    finally:
+        await store.close()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ the daemon with a setting the operator did not choose.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -49,6 +50,15 @@ class ServerSettings:
     state_dir: str = "/var/lib/floydd"
     # Grace period for requests in flight when the daemon stops.
     shutdown_grace_s: float = 10.0
+    # Request limits of the HTTP server; a request over one gets a 400.
+    max_request_line_bytes: int = 8190
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    # An idle connection, or one whose request headers are still incomplete,
+    # is closed after this many seconds, so slow clients cannot pin connections.
+    keepalive_timeout_s: float = 60.0
+    # Maximum pause in seconds between two reads of an upload body before a 408.
+    body_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,20 @@ class UploadSettings:
     max_upload_bytes: int = 1024**3
     max_unpacked_bytes: int = 4 * 1024**3
     max_files: int = 100_000
+    max_file_bytes: int = 2 * 1024**3
+    # Unpacked bytes per compressed byte; archives under 1 MiB count as 1 MiB.
+    max_compression_ratio: float = 200.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Limits that apply to each user separately; admin tokens are exempt."""
+
+    # Jobs of one user that are queued, starting, serving or running.
+    max_running_jobs: int = 8
+    max_upload_bytes: int = 1024**3
+    # Total size of one user's datasets.
+    max_dataset_bytes: int = 100 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -173,6 +197,7 @@ class Settings:
     jobs: JobSettings = field(default_factory=JobSettings)
     uploads: UploadSettings = field(default_factory=UploadSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     resources: ResourceSettings = field(default_factory=ResourceSettings)
     lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
     gpus: GpuSettings = field(default_factory=GpuSettings)
@@ -197,6 +222,7 @@ _SECTIONS: dict[str, type] = {
     "jobs": JobSettings,
     "uploads": UploadSettings,
     "proxy": ProxySettings,
+    "limits": LimitSettings,
     "resources": ResourceSettings,
     "lifecycle": LifecycleSettings,
     "gpus": GpuSettings,
@@ -356,6 +382,16 @@ def _check(settings: Settings) -> None:
         "proxy.max_concurrency": settings.proxy.max_concurrency,
         "proxy.max_request_body_bytes": settings.proxy.max_request_body_bytes,
         "proxy.request_body_timeout_s": settings.proxy.request_body_timeout_s,
+        "server.max_request_line_bytes": settings.server.max_request_line_bytes,
+        "server.max_header_bytes": settings.server.max_header_bytes,
+        "server.max_headers": settings.server.max_headers,
+        "server.keepalive_timeout_s": settings.server.keepalive_timeout_s,
+        "server.body_timeout_s": settings.server.body_timeout_s,
+        "uploads.max_file_bytes": settings.uploads.max_file_bytes,
+        "uploads.max_compression_ratio": settings.uploads.max_compression_ratio,
+        "limits.max_running_jobs": settings.limits.max_running_jobs,
+        "limits.max_upload_bytes": settings.limits.max_upload_bytes,
+        "limits.max_dataset_bytes": settings.limits.max_dataset_bytes,
         "resources.default_memory_mib": settings.resources.default_memory_mib,
         "resources.max_memory_mib": settings.resources.max_memory_mib,
         "resources.default_cpus": settings.resources.default_cpus,
@@ -365,8 +401,9 @@ def _check(settings: Settings) -> None:
         "lifecycle.prune_interval_s": settings.lifecycle.prune_interval_s,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"invalid value for {key}: must be positive, got {value}")
+        # `not value > 0` also rejects NaN, which an environment override can carry.
+        if not value > 0 or value == math.inf:
+            raise ConfigError(f"invalid value for {key}: must be a positive finite number, got {value}")
     if settings.jobs.stop_grace_s < 0:
         raise ConfigError("invalid value for jobs.stop_grace_s: must not be negative")
     if settings.proxy.max_queue_depth < 0:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+from pathlib import Path
 
 import structlog
 from aiohttp import web
 
+from floydd.admission import check_dataset_quota, upload_limit
+from floydd.auth import User, ensure_job_access, request_user
 from floydd.config import Settings
-from floydd.datasets import DatasetInUse, check_name
+from floydd.datasets import DatasetInUse, DatasetNotFound, DatasetVersion, check_name, may_use_dataset, measure
 from floydd.errors import Conflict, InvalidRequest, NotFound
 from floydd.outputs import output_file, send_tar_gz
 from floydd.supervisor import Supervisor
@@ -39,7 +42,7 @@ class DataApi:
 
     async def output(self, request: web.Request) -> web.StreamResponse:
         """Send the job's /output as a tar.gz, or with `?path=FILE` that one file."""
-        job = await self._supervisor.get(request.match_info["job_id"])
+        job = ensure_job_access(request_user(request), await self._supervisor.get(request.match_info["job_id"]))
         folder = self._supervisor.files(job.id).output
         if not job.state.is_final:
             # A running container could swap a checked path for a symlink to a host
@@ -56,25 +59,33 @@ class DataApi:
         return await send_tar_gz(request, folder, f"{job.id}-output")
 
     async def delete_job(self, request: web.Request) -> web.Response:
+        ensure_job_access(request_user(request), await self._supervisor.get(request.match_info["job_id"]))
         await asyncio.shield(self._supervisor.delete(request.match_info["job_id"]))
         return web.json_response({"deleted": request.match_info["job_id"]})
 
     # Datasets
 
     async def create_dataset(self, request: web.Request) -> web.Response:
+        user = request_user(request)
         datasets = self._supervisor.datasets
         spool = datasets.new_staging_path()
         unpacked = spool.with_suffix(".unpacked")
-        uploads = self._settings.uploads
         try:
-            submission = await receive_submission(request, spool, uploads.max_upload_bytes, archive_field="data")
+            submission = await receive_submission(
+                request,
+                spool,
+                upload_limit(self._settings, user),
+                self._settings.server.body_timeout_s,
+                archive_field="data",
+            )
             unknown = sorted(set(submission.fields) - {"name"})
             if unknown or submission.repeated:
                 raise InvalidRequest("a dataset upload takes only the fields name and data")
             name = check_name(submission.fields.get("name", ""))
-            limits = UnpackLimits(uploads.max_unpacked_bytes, uploads.max_files)
+            limits = UnpackLimits.from_settings(self._settings.uploads)
             await asyncio.shield(asyncio.to_thread(unpack_archive, spool, unpacked, limits))
-            dataset = await asyncio.shield(datasets.add(name, unpacked))
+            await self._check_quota(user, unpacked)
+            dataset = await asyncio.shield(datasets.add(name, unpacked, user.name))
         finally:
             with contextlib.suppress(OSError):
                 spool.unlink()
@@ -82,17 +93,31 @@ class DataApi:
         log.info("dataset_stored", dataset=dataset.id, bytes=dataset.bytes, files=dataset.files)
         return web.json_response(dataset.to_json(), status=201, headers={"Location": f"/api/v1/datasets/{dataset.id}"})
 
+    async def _check_quota(self, user: User, unpacked: Path) -> None:
+        _, added_bytes = await asyncio.to_thread(measure, unpacked)
+        owned = await asyncio.to_thread(self._supervisor.datasets.list)
+        current_bytes = sum(dataset.bytes for dataset in owned if dataset.owner == user.name)
+        check_dataset_quota(self._settings, user, current_bytes, added_bytes)
+
     async def list_datasets(self, request: web.Request) -> web.Response:
+        user = request_user(request)
         datasets = await asyncio.to_thread(self._supervisor.datasets.list)
-        return web.json_response({"datasets": [dataset.to_json() for dataset in datasets]})
+        visible = [dataset.to_json() for dataset in datasets if may_use_dataset(user, dataset)]
+        return web.json_response({"datasets": visible})
 
     async def show_dataset(self, request: web.Request) -> web.Response:
+        return web.json_response(self._visible_dataset(request).to_json())
+
+    def _visible_dataset(self, request: web.Request) -> DatasetVersion:
+        """Return the dataset the route names; another user's dataset is reported as missing."""
         name = request.match_info["name"]
         dataset = self._supervisor.datasets.get(name, _version(request))
-        return web.json_response(dataset.to_json())
+        if not may_use_dataset(request_user(request), dataset):
+            raise DatasetNotFound(f"no dataset named {name!r}")
+        return dataset
 
     async def delete_dataset(self, request: web.Request) -> web.Response:
-        dataset = self._supervisor.datasets.get(request.match_info["name"], _version(request))
+        dataset = self._visible_dataset(request)
         # NOTE: a job whose submission is still being unpacked is not in the store yet; if it
         # names this version, it fails at start with "no dataset version" instead of a 409 here.
         users = await self._supervisor.jobs_using(lambda entry: entry.get("dataset") == dataset.id)

@@ -22,10 +22,12 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from floydd.auth import User
 from floydd.errors import FloyddError, InvalidRequest, NotFound
 from floydd.jobs import utcnow
 
@@ -36,6 +38,11 @@ RESERVED_NAMES = frozenset({"jobs"})
 
 class DatasetNotFound(NotFound):
     code = "dataset_not_found"
+
+
+class DatasetNameTaken(FloyddError):
+    status = 409
+    code = "dataset_name_taken"
 
 
 class DatasetInUse(FloyddError):
@@ -51,6 +58,8 @@ class DatasetVersion:
     bytes: int
     files: int
     created_at: str
+    # Name of the user who uploaded it; None for uploads from before tokens existed.
+    owner: str | None = None
 
     @property
     def id(self) -> str:
@@ -68,7 +77,13 @@ class DatasetVersion:
             "bytes": self.bytes,
             "files": self.files,
             "created_at": self.created_at,
+            "owner": self.owner,
         }
+
+
+def may_use_dataset(user: User, dataset: DatasetVersion) -> bool:
+    """Tell whether `user` may see, mount or delete `dataset`: its owner and admins may."""
+    return user.is_admin or dataset.owner == user.name
 
 
 def check_name(name: str) -> str:
@@ -95,18 +110,26 @@ class DatasetStore:
     def clean_staging(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
-    async def add(self, name: str, unpacked: Path) -> DatasetVersion:
-        """Store the folder `unpacked` (in staging) as the next version of `name`."""
+    async def add(self, name: str, unpacked: Path, owner: str) -> DatasetVersion:
+        """Store the folder `unpacked` (in staging) as the next version of `name`, owned by `owner`."""
         check_name(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
-            return await asyncio.to_thread(self._add, name, unpacked)
+            return await asyncio.to_thread(self._add, name, unpacked, owner)
 
-    def _add(self, name: str, unpacked: Path) -> DatasetVersion:
+    def _add(self, name: str, unpacked: Path, owner: str) -> DatasetVersion:
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
+        others = {version.owner for version in self._versions(name)} - {owner}
+        if others:
+            raise DatasetNameTaken(f"dataset name {name!r} belongs to another user; choose another name")
         version = self._next_version(folder)
-        files, size = _measure(unpacked)
-        meta = {"bytes": size, "files": files, "created_at": utcnow().isoformat().replace("+00:00", "Z")}
+        files, size = measure(unpacked)
+        meta = {
+            "bytes": size,
+            "files": files,
+            "created_at": utcnow().isoformat().replace("+00:00", "Z"),
+            "owner": owner,
+        }
         holder = unpacked.with_name(unpacked.name + ".version")
         holder.mkdir()
         unpacked.rename(holder / "data")
@@ -136,6 +159,12 @@ class DatasetStore:
                     versions.append(self._load(folder.name, int(entry.name)))
         return sorted(versions, key=lambda item: (item.name, item.version))
 
+    def _versions(self, name: str) -> Sequence[DatasetVersion]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return [self._load(name, int(entry.name)) for entry in folder.iterdir() if entry.name.isdigit()]
+
     def get(self, name: str, version: int | None = None) -> DatasetVersion:
         """Return one version, or the latest one when `version` is None."""
         check_name(name)
@@ -158,7 +187,13 @@ class DatasetStore:
         except (OSError, ValueError):
             meta = {}
         return DatasetVersion(
-            name, version, path, int(meta.get("bytes", 0)), int(meta.get("files", 0)), str(meta.get("created_at", ""))
+            name,
+            version,
+            path,
+            int(meta.get("bytes", 0)),
+            int(meta.get("files", 0)),
+            str(meta.get("created_at", "")),
+            meta.get("owner"),
         )
 
     async def delete(self, dataset: DatasetVersion) -> None:
@@ -169,7 +204,8 @@ class DatasetStore:
             await asyncio.to_thread(shutil.rmtree, doomed, True)
 
 
-def _measure(folder: Path) -> tuple[int, int]:
+def measure(folder: Path) -> tuple[int, int]:
+    """Return the file count and total size in bytes of `folder`."""
     files = 0
     size = 0
     for directory, _, names in os.walk(folder):

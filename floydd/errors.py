@@ -31,6 +31,28 @@ class InvalidRequest(FloyddError):
     code = "invalid_request"
 
 
+class Unauthorized(FloyddError):
+    """A request without a valid bearer token; sent with `WWW-Authenticate: Bearer`."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(FloyddError):
+    status = 403
+    code = "forbidden"
+
+
+class RequestTimeout(FloyddError):
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyRequests(FloyddError):
+    status = 429
+    code = "too_many_requests"
+
+
 class JobNotFound(FloyddError):
     status = 404
     code = "job_not_found"

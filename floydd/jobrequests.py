@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from floydd.config import ResourceSettings
-from floydd.datasets import DatasetStore
+from floydd.datasets import DatasetNotFound, DatasetStore, DatasetVersion
 from floydd.errors import InvalidRequest
 from floydd.jobs import Job
 
@@ -40,6 +40,9 @@ class RequestContext:
     find_job: Callable[[str], Awaitable[Job | None]]
     # Whether a finished job's output folder still exists (not pruned).
     has_output: Callable[[str], bool]
+    # Whether the submitting user may mount this job's output or this dataset.
+    may_use_job: Callable[[Job], bool]
+    may_use_dataset: Callable[[DatasetVersion], bool]
 
 
 async def resolve_requests(fields: dict[str, str], data: list[str], context: RequestContext) -> dict[str, Any]:
@@ -89,12 +92,15 @@ async def _resolve_source(source: str, context: RequestContext) -> dict[str, Any
             raise InvalidRequest(f"invalid dataset version in {source!r}: use NAME or NAME/NUMBER")
         version = int(version_text)
     dataset = context.datasets.get(name, version)
+    if not context.may_use_dataset(dataset):
+        # Another user's dataset looks the same as a missing one.
+        raise DatasetNotFound(f"no dataset named {name!r}; upload one with POST /api/v1/datasets")
     return {"dataset": dataset.id}
 
 
 async def _resolve_job_output(job_id: str, context: RequestContext) -> dict[str, Any]:
     job = await context.find_job(job_id) if job_id else None
-    if job is None:
+    if job is None or not context.may_use_job(job):
         raise InvalidRequest(f"no job {job_id!r} whose output could be mounted")
     if not job.state.is_final:
         raise InvalidRequest(f"job {job_id} is {job.state.value}; only a finished job's output can be mounted")

@@ -104,6 +104,8 @@ class Job:
             "deadline": _iso(self.deadline),
             "reason": self.reason,
             "exit_code": self.exit_code,
+            "owner": self.owner,
+            "private": bool(self.options.get("private", False)),
         }
         if self.mode is JobMode.COMMAND:
             body["command"] = self.command

@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from floydd.auth import AUTHENTICATOR
 from floydd.config import ProxySettings
 from floydd.errors import (
     BadGateway,
@@ -124,9 +125,10 @@ class Proxy:
         request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
         queue = self._queues.get(job_id)
         try:
+            # A private job admits only its owner's or an admin's token; floydd tokens are never forwarded.
+            request = await request.app[AUTHENTICATOR].authorize_expose(request, job_id)
             if queue is None:
                 raise await self._not_serving(job_id)
-            # Access checks (private jobs) belong here: before the body is read or a slot is taken.
             if is_websocket_upgrade(request):
                 return await self._tunnel(request, queue, job_id, request_id)
             response = await self._proxy(request, queue, job_id, request_id)

@@ -42,6 +42,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_state ON jobs (state);
     CREATE INDEX jobs_created_at ON jobs (created_at);
     """,
+    """
+    CREATE TABLE users (
+        name       TEXT PRIMARY KEY,
+        is_admin   INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE tokens (
+        id            TEXT PRIMARY KEY,
+        user_name     TEXT NOT NULL REFERENCES users (name),
+        secret_sha256 TEXT NOT NULL,
+        created_at    TEXT NOT NULL,
+        revoked_at    TEXT
+    );
+    CREATE INDEX tokens_user_name ON tokens (user_name);
+    CREATE INDEX jobs_owner_state ON jobs (owner, state);
+    """,
 )
 
 _COLUMNS = (
@@ -106,18 +122,35 @@ class JobStore:
             row = await cursor.fetchone()
         return None if row is None else _from_row(row)
 
-    async def list(self, states: Iterable[JobState] | None = None, limit: int = 1000) -> list[Job]:
+    async def list(
+        self, states: Iterable[JobState] | None = None, limit: int = 1000, owner: str | None = None
+    ) -> list[Job]:
+        """Return jobs, newest first, filtered by state and by owner when given."""
         query = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+        conditions: list[str] = []
         params: list[Any] = []
         if states is not None:
             wanted = [state.value for state in states]
-            query += f" WHERE state IN ({', '.join('?' for _ in wanted)})"
+            conditions.append(f"state IN ({', '.join('?' for _ in wanted)})")
             params.extend(wanted)
+        if owner is not None:
+            conditions.append("owner = ?")
+            params.append(owner)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
         query += " ORDER BY created_at DESC, id LIMIT ?"
         params.append(limit)
         async with self._db.execute(query, params) as cursor:
             rows = await cursor.fetchall()
         return [_from_row(row) for row in rows]
+
+    async def count_unfinished(self, owner: str) -> int:
+        """Count the jobs of `owner` that have not reached a final state."""
+        unfinished = [state.value for state in JobState if not state.is_final]
+        query = f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN ({', '.join('?' for _ in unfinished)})"
+        async with self._db.execute(query, (owner, *unfinished)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def count_by_state(self) -> dict[str, int]:
         """Return how many jobs are in each state that has any."""

@@ -19,8 +19,9 @@ from typing import Any
 
 import structlog
 
+from floydd.auth import User
 from floydd.config import Settings
-from floydd.datasets import DatasetStore
+from floydd.datasets import DatasetStore, may_use_dataset
 from floydd.errors import Conflict, FloyddError, InvalidRequest, JobNotFound, JobNotServing, RuntimeFailure
 from floydd.gpus import GpuInventory, GpuPool, NoGpus, NvidiaSmi
 from floydd.joblogs import JobLogWriter
@@ -212,14 +213,16 @@ class Supervisor:
                 await handle.done.wait()
         return await self.get(job_id)
 
-    def request_context(self) -> RequestContext:
-        """Return what checking a new job's requests needs: caps, datasets, GPUs, other jobs."""
+    def request_context(self, user: User) -> RequestContext:
+        """Return what checking `user`'s new job's requests needs: caps, datasets, GPUs, other jobs."""
         return RequestContext(
             resources=self._settings.resources,
             datasets=self.datasets,
             gpu_count=self.gpus.total,
             find_job=self._store.get,
             has_output=lambda job_id: self.files(job_id).output.is_dir(),
+            may_use_job=lambda job: user.is_admin or job.owner == user.name,
+            may_use_dataset=lambda dataset: may_use_dataset(user, dataset),
         )
 
     async def delete(self, job_id: str) -> None:

@@ -23,6 +23,7 @@ if [[ -s $pid_file ]]; then
     pid=$(<"$pid_file")
     if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q floydd; then
         echo "floydd is already running (pid $pid); stop it with: kill $pid"
+        echo "create an API token with: .venv/bin/floydd token create NAME --config floydd.toml"
         exit 0
     fi
     # The pid file of a floydd that has exited, or a reused pid.
@@ -94,8 +95,14 @@ until kill -0 "$pid" 2>/dev/null && is_healthy; do
     sleep 0.5
 done
 
+# floydd stores only a hash of each token, so every start creates and shows a new admin token.
+token=$(.venv/bin/floydd token create admin --admin --config floydd.toml 2>/dev/null) ||
+    die "cannot create an admin token; run: .venv/bin/floydd token create admin --admin --config floydd.toml"
+
 echo "floydd is running (pid $pid)"
 echo "  URL:   $base_url"
+echo "  token: $token (admin, shown once; revoke with: .venv/bin/floydd token revoke ID)"
+echo "  use:   export FLOYDD_TOKEN=$token"
 echo "  log:   $log_file"
 echo "  state: $state_dir"
 echo "  stop:  kill \$(cat $pid_file)"

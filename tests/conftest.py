@@ -26,6 +26,8 @@ DATA = REPO / "tests" / "data"
 EXAMPLES = REPO / "examples"
 CONFIG = REPO / "floydd.toml"
 FINAL_STATES = {"succeeded", "failed", "stopped", "timed_out"}
+# Admin token of each daemon the tests started, by base URL; the `client` fixture sends it.
+ADMIN_TOKENS: dict[str, str] = {}
 
 
 def tar_gz(folder: Path, top: str | None = None) -> bytes:
@@ -47,6 +49,7 @@ class Daemon:
     url: str
     state_dir: Path
     process: asyncio.subprocess.Process
+    admin_token: str = ""
     events: list[dict[str, Any]] = field(default_factory=list)
     reader: asyncio.Task[None] | None = None
 
@@ -72,14 +75,15 @@ class Daemon:
 
 
 async def start_daemon(state_dir: Path, env: dict[str, str] | None = None, config: Path = CONFIG) -> Daemon:
-    """Start `floydd serve --port 0` and return once it listens."""
+    """Create an admin token, start `floydd serve --port 0`, and return once it listens."""
+    admin_token = await create_token(state_dir, "admin", "--admin", config=config)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "floydd", "--log-format", "json", "serve",
         "--config", str(config), "--port", "0", "--state-dir", str(state_dir),
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
-    daemon = Daemon(url="", state_dir=state_dir, process=process)
+    daemon = Daemon(url="", state_dir=state_dir, process=process, admin_token=admin_token)
     listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     daemon.reader = asyncio.create_task(_read_events(daemon, listening))
     try:
@@ -88,7 +92,36 @@ async def start_daemon(state_dir: Path, env: dict[str, str] | None = None, confi
     except BaseException:
         await daemon.stop()
         raise
+    ADMIN_TOKENS[daemon.url] = admin_token
     return daemon
+
+
+async def create_token(state_dir: Path, *args: str, config: Path = CONFIG) -> str:
+    """Run `floydd token create ARGS` on a state dir and return the printed token."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "floydd", "token", "create", *args,
+        "--config", str(config), "--state-dir", str(state_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode(errors="replace")
+    return stdout.decode().strip()
+
+
+def admin_headers(daemon: Daemon) -> dict[str, str]:
+    """Return the header that authenticates as the daemon's admin, for sessions without `send_admin_token`."""
+    return {"Authorization": f"Bearer {daemon.admin_token}"}
+
+
+async def send_admin_token(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: send the admin token of the daemon a request goes to, unless it has its own."""
+    token = ADMIN_TOKENS.get(str(request.url.origin()))
+    if token and "Authorization" not in request.headers:
+        request.headers["Authorization"] = f"Bearer {token}"
+    return await handler(request)
 
 
 async def _read_events(daemon: Daemon, listening: asyncio.Future[str]) -> None:
@@ -152,7 +185,9 @@ async def remove_job_containers(daemon: Daemon) -> None:
 
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=120), middlewares=(send_admin_token,)
+    ) as session:
         yield session
 
 
@@ -163,7 +198,7 @@ async def submit(
     for name, value in fields.items():
         form.add_field(name, value)
     form.add_field("code", archive, filename=filename, content_type="application/gzip")
-    async with client.post(f"{daemon.url}/api/v1/jobs", data=form) as response:
+    async with client.post(f"{daemon.url}/api/v1/jobs", data=form, headers=admin_headers(daemon)) as response:
         return response.status, await response.json()
 
 
@@ -174,7 +209,7 @@ async def submit_ok(client: aiohttp.ClientSession, daemon: Daemon, folder: Path,
 
 
 async def get_job(client: aiohttp.ClientSession, daemon: Daemon, job_id: str) -> dict[str, Any]:
-    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}") as response:
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}", headers=admin_headers(daemon)) as response:
         assert response.status == 200
         body: dict[str, Any] = await response.json()
         return body
@@ -198,7 +233,7 @@ async def wait_for_state(
 
 
 async def get_logs(client: aiohttp.ClientSession, daemon: Daemon, job_id: str) -> str:
-    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}/logs") as response:
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job_id}/logs", headers=admin_headers(daemon)) as response:
         assert response.status == 200
         return await response.text()
 

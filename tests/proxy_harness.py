@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore
 from floydd.config import ProxySettings
 from floydd.jobs import Job, JobMode, JobState, new_job_id, utcnow
 from floydd.metrics import ProxyMetrics
@@ -110,6 +111,8 @@ async def running_proxy(
     metrics = ProxyMetrics(queues, store)
     proxy = Proxy(proxy_settings, queues, store, metrics, tmp_path / "spool")
     app = web.Application()
+    # The proxy checks private jobs through the app's authenticator, as in floydd.app.
+    app[AUTHENTICATOR] = Authenticator(TokenStore(store), store)
     app.router.add_get("/metrics", metrics.handle)
     for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
         app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)

@@ -11,7 +11,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Daemon, get_logs, remove_job_containers, start_daemon, submit_ok, tar_gz, wait_for_state
+from tests.conftest import (
+    Daemon,
+    create_token,
+    get_logs,
+    remove_job_containers,
+    start_daemon,
+    submit_ok,
+    tar_gz,
+    wait_for_state,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -240,3 +249,37 @@ async def test_retention_prunes_files(tmp_path: Path, client: aiohttp.ClientSess
     assert record == 200
     assert output == 404
     assert "pruned" in body["detail"]
+
+
+async def test_other_users_data_hidden(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    await upload_dataset(client, daemon, "secret", folder_with(tmp_path, "d", {"s.txt": "s\n"}))
+    job = await submit_ok(client, daemon, folder_with(tmp_path, "p", {"run.sh": "true\n"}), command="sh run.sh")
+    await wait_for_state(client, daemon, job["id"], {"succeeded"}, timeout_s=60)
+    alice = {"Authorization": f"Bearer {await create_token(daemon.state_dir, 'alice')}"}
+
+    async with client.get(f"{daemon.url}/api/v1/datasets", headers=alice) as response:
+        listing = await response.json()
+    async with client.get(f"{daemon.url}/api/v1/datasets/secret", headers=alice) as response:
+        shown = response.status
+    async with client.delete(f"{daemon.url}/api/v1/datasets/secret/1", headers=alice) as response:
+        deleted = response.status
+    async with client.get(f"{daemon.url}/api/v1/jobs/{job['id']}/output", headers=alice) as response:
+        output = response.status
+    async with client.delete(f"{daemon.url}/api/v1/jobs/{job['id']}", headers=alice) as response:
+        job_deleted = response.status
+    form = aiohttp.FormData()
+    form.add_field("command", "true")
+    form.add_field("data", "secret:input")
+    form.add_field("data", f"jobs/{job['id']}:prev")
+    form.add_field("code", tar_gz(tmp_path / "p"), filename="p.tar.gz", content_type="application/gzip")
+    async with client.post(f"{daemon.url}/api/v1/jobs", data=form, headers=alice) as response:
+        mounted = response.status
+        body = await response.json()
+
+    assert listing == {"datasets": []}
+    assert shown == 404
+    assert deleted == 404
+    assert output == 404
+    assert job_deleted == 404
+    assert mounted == 404
+    assert "no dataset named 'secret'" in body["detail"]

@@ -444,6 +444,15 @@ async def _install_floydd(machine: SystemdMachine) -> None:
     await machine.run("systemctl", "daemon-reload")
 
 
+async def _create_admin_token(machine: SystemdMachine) -> str:
+    """Create an admin token in the machine's state dir, as an operator would after installing."""
+    stdout = await machine.run(
+        "/opt/floydd/venv/bin/floydd", "token", "create", "admin", "--admin",
+        "--config", "/etc/floydd/floydd.toml", "--state-dir", str(machine.state_dir),
+    )  # fmt: skip
+    return stdout.strip()
+
+
 async def _listening_addresses(machine: SystemdMachine) -> list[str]:
     """Return the local addresses of floydd's listening TCP sockets, read from /proc in the machine."""
     [pid] = (await machine.unit_properties("MainPID")).values()
@@ -514,6 +523,7 @@ async def test_systemctl_stop_keeps_job(systemd_machine: SystemdMachine) -> None
     started = time.monotonic()
     await _install_floydd(machine)
     timings["install"] = time.monotonic() - started
+    token = await _create_admin_token(machine)
 
     started = time.monotonic()
     await machine.run("systemctl", "start", "floydd", timeout_s=120)
@@ -525,7 +535,8 @@ async def test_systemctl_stop_keeps_job(systemd_machine: SystemdMachine) -> None
     listening = await _listening_addresses(machine)
     assert listening == [f"0100007F:{machine.port:04X}"]
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as client:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=headers) as client:
         job = await _submit_echo(client, machine.url)
         await _wait_serving(client, machine.url, job["id"])
         first = await _call_job(client, machine.url, job["id"], "before-stop")

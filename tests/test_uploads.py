@@ -70,7 +70,7 @@ def test_in_tree_symlink_is_kept(tmp_path: Path) -> None:
         ([link("l", "/tmp/target"), ("l", b"x")], "points outside"),
         ([link("d", "/etc"), ("d/x", b"x")], "points outside"),
         ([link("up", "../.."), ("up/x", b"x")], "points outside"),
-        ([link("h", "/etc/passwd", tarfile.LNKTYPE)], "absolute path"),
+        ([link("h", "/etc/passwd", tarfile.LNKTYPE)], "points outside"),
         ([link("h", "missing.txt", tarfile.LNKTYPE)], "hardlink"),
     ],
     ids=[
