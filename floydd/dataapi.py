@@ -13,8 +13,17 @@ from aiohttp import web
 from floydd.admission import check_dataset_quota, upload_limit
 from floydd.auth import User, ensure_job_access, request_user
 from floydd.config import Settings
-from floydd.datasets import DatasetInUse, DatasetNotFound, DatasetVersion, check_name, may_use_dataset, measure
+from floydd.datasets import (
+    NAME_PATTERN,
+    DatasetInUse,
+    DatasetNotFound,
+    DatasetVersion,
+    check_name,
+    may_use_dataset,
+    measure,
+)
 from floydd.errors import Conflict, InvalidRequest, NotFound
+from floydd.openapi import JOB_ID_PARAMETER, PATHS, SCHEMAS, Schema, error_responses, json_body, ref
 from floydd.outputs import output_file, send_tar_gz
 from floydd.supervisor import Supervisor
 from floydd.uploads import UnpackLimits, receive_submission, unpack_archive
@@ -137,3 +146,109 @@ def _version(request: web.Request) -> int | None:
     if not text.isdigit():
         raise InvalidRequest(f"invalid dataset version {text!r}: use a number")
     return int(text)
+
+
+DATASET_PARAMETERS: list[Schema] = [
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "description": "the dataset's name",
+        "schema": {"type": "string", "pattern": NAME_PATTERN.pattern, "not": {"const": "jobs"}},
+    },
+]
+VERSION_PARAMETER: Schema = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "description": "the version number",
+    "schema": {"type": "string", "pattern": "^[0-9]{1,9}$"},
+}
+SCHEMAS.update(
+    {
+        "Dataset": {
+            "type": "object",
+            "required": ["id", "name", "version", "bytes", "files", "created_at"],
+            "properties": {
+                "id": {"type": "string", "description": "NAME/VERSION"},
+                "name": {"type": "string"},
+                "version": {"type": "integer"},
+                "bytes": {"type": "integer"},
+                "files": {"type": "integer"},
+                "created_at": {"type": "string"},
+                "owner": {"type": ["string", "null"]},
+            },
+        },
+        "DatasetUpload": {
+            "type": "object",
+            "required": ["name", "data"],
+            "properties": {
+                "name": {
+                    "type": "string",
+                    "pattern": NAME_PATTERN.pattern,
+                    "not": {"const": "jobs"},
+                    "description": "1 to 64 lowercase letters, digits, '.', '_' or '-'",
+                },
+                "data": {"type": "string", "contentMediaType": "application/octet-stream"},
+            },
+        },
+    }
+)
+PATHS.update(
+    {
+        "/api/v1/jobs/{job_id}/output": {
+            "parameters": [JOB_ID_PARAMETER],
+            "get": {
+                "operationId": "getJobOutput",
+                "summary": "The ended job's /output as a tar.gz, or with path=FILE one file",
+                "parameters": [{"name": "path", "in": "query", "required": False, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": {"description": "the archive or the file", "content": {"*/*": {"schema": {}}}},
+                    **error_responses(400, 404, 409),
+                },
+            },
+        },
+        "/api/v1/datasets": {
+            "get": {
+                "operationId": "listDatasets",
+                "summary": "List the caller's datasets, or every dataset for an admin",
+                "responses": {"200": json_body({"type": "object"}, "the datasets"), **error_responses()},
+            },
+            "post": {
+                "operationId": "createDataset",
+                "summary": "Upload the next version of a dataset",
+                "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": ref("DatasetUpload")}}},
+                "responses": {
+                    "201": json_body(ref("Dataset"), "the new version"),
+                    **error_responses(400, 408, 409, 413, 417),
+                },
+            },
+        },
+        "/api/v1/datasets/{name}": {
+            "parameters": DATASET_PARAMETERS,
+            "get": {
+                "operationId": "getDataset",
+                "summary": "The latest version of a dataset",
+                "responses": {"200": json_body(ref("Dataset"), "the version"), **error_responses(400, 404)},
+            },
+        },
+        "/api/v1/datasets/{name}/{version}": {
+            "parameters": [*DATASET_PARAMETERS, VERSION_PARAMETER],
+            "get": {
+                "operationId": "getDatasetVersion",
+                "summary": "One version of a dataset",
+                "responses": {"200": json_body(ref("Dataset"), "the version"), **error_responses(400, 404)},
+            },
+            "delete": {
+                "operationId": "deleteDatasetVersion",
+                "summary": "Delete a version that no unfinished job mounts",
+                "responses": {"200": json_body({"type": "object"}, "the deleted id"), **error_responses(400, 404, 409)},
+            },
+        },
+    }
+)
+PATHS["/api/v1/jobs/{job_id}"]["delete"] = {
+    "operationId": "deleteJob",
+    "summary": "Delete an ended job: its record, code, output and logs",
+    "responses": {"200": json_body({"type": "object"}, "the deleted id"), **error_responses(404, 409, 503)},
+}
