@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import shlex
 import shutil
@@ -19,6 +20,7 @@ from floydd.admission import check_running_jobs, check_upload_size, expect_handl
 from floydd.auth import User, ensure_job_access, request_user
 from floydd.config import Settings
 from floydd.errors import FloyddError, InvalidRequest, ServiceUnavailable
+from floydd.jobrequests import REQUEST_FIELDS, resolve_requests
 from floydd.jobs import Job, JobMode, JobState, new_job_id, utcnow
 from floydd.runtime import DockerRuntime
 from floydd.store import JobStore
@@ -27,7 +29,7 @@ from floydd.uploads import Submission, UnpackLimits, receive_submission, unpack_
 
 log = structlog.get_logger(__name__)
 
-SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime", "concurrency", "private"})
+SUBMISSION_FIELDS = frozenset({"mode", "command", "env", "max_uptime", "concurrency", "private"}) | REQUEST_FIELDS
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 # Larger than any max_uptime_limit_s, and small enough that float-to-int stays exact.
 _MAX_DURATION_S = 10 * 365 * 86400
@@ -124,6 +126,7 @@ class JobsApi:
 
     async def _create_job(self, job_id: str, submission: Submission, user: User) -> Job:
         job = self._job_from_fields(job_id, submission.fields, user)
+        job = await self._with_requests(job, submission, user)
         if not await self._runtime.image_exists(job.image):
             raise ServiceUnavailable(
                 f"image {job.image} of env {job.env!r} is not present; run `floydd env build {job.env}`"
@@ -150,6 +153,16 @@ class JobsApi:
                 await asyncio.to_thread(_remove_tree, files.root)
                 raise
             return await self._supervisor.submit(job)
+
+    async def _with_requests(self, job: Job, submission: Submission, user: User) -> Job:
+        """Add the job's data mounts, GPUs and limits; a GPU job runs the env's GPU image when it names one."""
+        data = submission.repeated.get("data", [])
+        options = await resolve_requests(submission.fields, data, self._supervisor.request_context(user))
+        image = job.image
+        gpu_image = self._settings.envs[job.env].gpu_image
+        if options.get("gpus") and gpu_image:
+            image = gpu_image
+        return dataclasses.replace(job, image=image, options={**job.options, **options})
 
     def _job_from_fields(self, job_id: str, fields: dict[str, str], user: User) -> Job:
         unknown = sorted(set(fields) - SUBMISSION_FIELDS)

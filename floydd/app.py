@@ -13,6 +13,7 @@ from floydd.admission import guard_routes, unknown_api_routes
 from floydd.api import JobsApi, error_middleware
 from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore, auth_middleware
 from floydd.config import Settings
+from floydd.dataapi import DataApi
 from floydd.metrics import ProxyMetrics
 from floydd.openapi import openapi_routes
 from floydd.proxy import Proxy, no_automatic_continue
@@ -54,6 +55,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_routes(guard_routes(api.routes()))
     app.router.add_routes(guard_routes(openapi_routes()))
     app.router.add_routes(unknown_api_routes())
+    app.router.add_routes(guard_routes(DataApi(settings, supervisor).routes()))
     app.router.add_get("/metrics", metrics.handle)
     for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
         app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)

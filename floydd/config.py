@@ -126,6 +126,37 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class ResourceSettings:
+    """Limits of each job's container; a job may request other values up to the caps."""
+
+    # Memory limit in MiB; swap is not added on top, so the limit is the whole budget.
+    default_memory_mib: int = 4096
+    max_memory_mib: int = 65536
+    default_cpus: float = 2.0
+    max_cpus: float = 16.0
+    # Max processes and threads in one container, against fork bombs.
+    pids_limit: int = 4096
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    """What happens to jobs after they end and when floydd stops."""
+
+    # Seconds a finished job's files, output and logs are kept before they are pruned.
+    retention_s: int = 30 * 86400
+    # Seconds between two passes of the pruner.
+    prune_interval_s: float = 3600.0
+    # False: containers keep running across a daemon stop and are adopted at the next start.
+    stop_containers_on_shutdown: bool = False
+
+
+@dataclass(frozen=True)
+class GpuSettings:
+    # "auto" asks nvidia-smi for the GPUs at start-up; "none" runs without GPUs.
+    discovery: str = "auto"
+
+
+@dataclass(frozen=True)
 class EnvBuild:
     """How to build an environment image offline from Debian packages."""
 
@@ -142,6 +173,8 @@ class EnvSettings:
     name: str
     image: str
     description: str = ""
+    # Image for jobs that request GPUs; empty means `image`.
+    gpu_image: str = ""
     # None means the image is expected to exist already (pulled or built elsewhere).
     build: EnvBuild | None = None
 
@@ -165,6 +198,9 @@ class Settings:
     uploads: UploadSettings = field(default_factory=UploadSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    resources: ResourceSettings = field(default_factory=ResourceSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
+    gpus: GpuSettings = field(default_factory=GpuSettings)
     envs: Mapping[str, EnvSettings] = field(default_factory=default_envs)
 
     @property
@@ -187,6 +223,9 @@ _SECTIONS: dict[str, type] = {
     "uploads": UploadSettings,
     "proxy": ProxySettings,
     "limits": LimitSettings,
+    "resources": ResourceSettings,
+    "lifecycle": LifecycleSettings,
+    "gpus": GpuSettings,
 }
 
 
@@ -353,6 +392,13 @@ def _check(settings: Settings) -> None:
         "limits.max_running_jobs": settings.limits.max_running_jobs,
         "limits.max_upload_bytes": settings.limits.max_upload_bytes,
         "limits.max_dataset_bytes": settings.limits.max_dataset_bytes,
+        "resources.default_memory_mib": settings.resources.default_memory_mib,
+        "resources.max_memory_mib": settings.resources.max_memory_mib,
+        "resources.default_cpus": settings.resources.default_cpus,
+        "resources.max_cpus": settings.resources.max_cpus,
+        "resources.pids_limit": settings.resources.pids_limit,
+        "lifecycle.retention_s": settings.lifecycle.retention_s,
+        "lifecycle.prune_interval_s": settings.lifecycle.prune_interval_s,
     }
     for key, value in positive.items():
         # `not value > 0` also rejects NaN, which an environment override can carry.
@@ -371,7 +417,20 @@ def _check(settings: Settings) -> None:
             "invalid value for jobs.default_max_uptime_s: "
             f"{settings.jobs.default_max_uptime_s} exceeds jobs.max_uptime_limit_s"
         )
+    _check_resources(settings.resources)
+    if settings.gpus.discovery not in ("auto", "none"):
+        raise ConfigError(f"invalid value for gpus.discovery: expected auto or none, got {settings.gpus.discovery!r}")
     if settings.jobs.default_env not in settings.envs:
         raise ConfigError(
             f"invalid value for jobs.default_env: no environment named {settings.jobs.default_env!r} in [envs]"
         )
+
+
+def _check_resources(resources: ResourceSettings) -> None:
+    if resources.default_memory_mib > resources.max_memory_mib:
+        raise ConfigError("invalid value for resources.default_memory_mib: exceeds resources.max_memory_mib")
+    if resources.default_cpus > resources.max_cpus:
+        raise ConfigError("invalid value for resources.default_cpus: exceeds resources.max_cpus")
+    if resources.max_memory_mib < 6:
+        # Docker rejects memory limits under 6 MiB.
+        raise ConfigError("invalid value for resources.max_memory_mib: Docker needs at least 6 MiB")

@@ -8,19 +8,24 @@ calls that last as long as the container (wait, log follow) have none.
 from __future__ import annotations
 
 import asyncio
+import json
 import shlex
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiodocker
+import aiohttp
 import structlog
 from aiodocker.exceptions import DockerError
 
 from floydd.config import DockerSettings
 from floydd.errors import RuntimeFailure
 from floydd.jobs import Job, JobMode
+from floydd.kernellog import oom_kill_logged
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +38,13 @@ LABEL_MODE = "org.floydd.mode"
 # share one engine, and each reconciles only its own containers.
 LABEL_INSTANCE = "org.floydd.instance"
 APP_PORT = 5000
+# 128 + SIGKILL: the exit code of an OOM kill, and of any other SIGKILL.
+SIGKILL_EXIT_CODE = 137
+# NOTE: one second in all is an estimate of how late dockerd may set OOMKilled.
+OOM_FLAG_POLLS = 5
+OOM_FLAG_POLL_INTERVAL_S = 0.2
+# Longest pause between two tries of a wait or log stream that the engine broke off.
+MAX_RETRY_DELAY_S = 30.0
 
 # Serve mode: install the project's requirements when present, then hand the
 # process over to the app so it receives the container's signals directly.
@@ -55,28 +67,97 @@ class ContainerExit:
 
 
 @dataclass(frozen=True)
+class LogMessage:
+    # Nanoseconds since the epoch, as Docker stamped the message.
+    timestamp_ns: int
+    text: str
+
+
+def parse_log_message(chunk: str) -> LogMessage:
+    """Split `2026-01-02T03:04:05.123456789Z text` into its timestamp and text."""
+    stamp, _, text = chunk.partition(" ")
+    try:
+        return LogMessage(parse_rfc3339_ns(stamp), text)
+    except ValueError:
+        # Not stamped: keep the text, and resume from the last stamped message.
+        return LogMessage(0, chunk)
+
+
+def parse_rfc3339_ns(stamp: str) -> int:
+    """Return nanoseconds since the epoch for a UTC RFC 3339 time with up to 9 fraction digits."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    seconds = int(datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp())
+    return seconds * 1_000_000_000 + int((fraction + "000000000")[:9])
+
+
+@dataclass(frozen=True)
 class ManagedContainer:
     id: str
     job_id: str
     running: bool
+    # Docker's state name: created, running, exited, ...
+    state: str = ""
 
 
 def container_name(job_id: str) -> str:
     return f"floydd-{job_id}"
 
 
-def container_config(job: Job, code_dir: Path, output_dir: Path, instance_id: str) -> dict[str, Any]:
+# Capabilities a job's container keeps; every other one is dropped. Jobs run
+# as root inside the container because `pip install` and the env images expect
+# it, and these are what that needs:
+#   CHOWN, FOWNER: pip and tar set owners and modes on the files they unpack;
+#   DAC_OVERRIDE: root writes to /code and /output, owned by floydd's user;
+#   SETUID, SETGID: apt and similar tools switch to an unprivileged user;
+#   KILL: the init process forwards signals to the app's processes.
+KEPT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID", "KILL")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host folder bound into a job's container."""
+
+    source: Path
+    target: str
+    read_only: bool = True
+
+    def bind(self) -> str:
+        return f"{self.source}:{self.target}:{'ro' if self.read_only else 'rw'}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything a job's container gets from the host: folders, limits and devices."""
+
+    code_dir: Path
+    output_dir: Path
+    memory_bytes: int
+    nano_cpus: int
+    pids_limit: int
+    # Read-only datasets and outputs of earlier jobs.
+    data_mounts: tuple[Mount, ...] = ()
+    # GPU UUIDs (or indexes) handed to the container, exclusively this job's.
+    gpu_device_ids: tuple[str, ...] = ()
+
+
+def container_config(job: Job, spec: ContainerSpec, instance_id: str) -> dict[str, Any]:
     """Build the Docker create body for a job's container."""
     if job.mode is JobMode.SERVE:
         command = ["sh", "-c", SERVE_SCRIPT]
     else:
         command = ["sh", "-c", job.command or "true"]
+    mounts = (Mount(spec.code_dir, "/code", read_only=False), Mount(spec.output_dir, "/output", read_only=False))
     host_config: dict[str, Any] = {
-        "Binds": [f"{code_dir}:/code:rw", f"{output_dir}:/output:rw"],
+        "Binds": [mount.bind() for mount in (*mounts, *spec.data_mounts)],
         # docker-init (tini) as PID 1 reaps the app's children and forwards SIGTERM.
         "Init": True,
         "RestartPolicy": {"Name": "no"},
+        **confinement(spec),
     }
+    if spec.gpu_device_ids:
+        host_config["DeviceRequests"] = [
+            {"Driver": "nvidia", "DeviceIDs": list(spec.gpu_device_ids), "Capabilities": [["gpu"]]}
+        ]
     config: dict[str, Any] = {
         "Image": job.image,
         "Cmd": command,
@@ -102,6 +183,22 @@ def container_config(job: Job, code_dir: Path, output_dir: Path, instance_id: st
         # An empty HostPort lets Docker pick a free port, on loopback only.
         host_config["PortBindings"] = {f"{APP_PORT}/tcp": [{"HostIp": "127.0.0.1", "HostPort": ""}]}
     return config
+
+
+def confinement(spec: ContainerSpec) -> dict[str, Any]:
+    """Return the HostConfig keys that confine a job, set on every container floydd creates."""
+    return {
+        "Privileged": False,
+        "CapDrop": ["ALL"],
+        "CapAdd": list(KEPT_CAPABILITIES),
+        # setuid binaries inside the image cannot raise privileges.
+        "SecurityOpt": ["no-new-privileges:true"],
+        "PidsLimit": spec.pids_limit,
+        "Memory": spec.memory_bytes,
+        # Equal to Memory: no swap, so a job over its limit is OOM-killed instead of thrashing.
+        "MemorySwap": spec.memory_bytes,
+        "NanoCpus": spec.nano_cpus,
+    }
 
 
 def describe_command(job: Job) -> str:
@@ -152,8 +249,8 @@ class DockerRuntime:
             raise
         return True
 
-    async def create_container(self, job: Job, code_dir: Path, output_dir: Path) -> str:
-        config = container_config(job, code_dir, output_dir, self.instance_id)
+    async def create_container(self, job: Job, spec: ContainerSpec) -> str:
+        config = container_config(job, spec, self.instance_id)
         container = await self._call(
             self.docker.containers.create(config, name=container_name(job.id)), "container create"
         )
@@ -185,7 +282,21 @@ class DockerRuntime:
         raise RuntimeFailure(f"container {container_id[:12]} has no published port for {APP_PORT}/tcp")
 
     async def wait(self, container_id: str) -> ContainerExit:
-        """Wait for the container to exit; no timeout, it lasts as long as the job."""
+        """Wait for the container to exit or vanish, however long the job runs.
+
+        A broken connection or an engine that does not respond (dockerd
+        restarting or hung) is retried with backoff instead of ending the job.
+        """
+        delay_s = 1.0
+        while True:
+            try:
+                return await self._wait_once(container_id)
+            except (RuntimeFailure, aiohttp.ClientError, OSError) as exc:
+                log.warning("container_wait_retried", container_id=container_id[:12], error=str(exc), delay_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+
+    async def _wait_once(self, container_id: str) -> ContainerExit:
         container = self.docker.containers.container(container_id)
         try:
             result = await container.wait()
@@ -195,11 +306,56 @@ class DockerRuntime:
             raise RuntimeFailure(f"Docker container wait failed: {exc.message}") from exc
         info = await self.inspect(container_id)
         state = (info or {}).get("State", {})
-        return ContainerExit(
-            exit_code=int(result.get("StatusCode", state.get("ExitCode", -1))),
-            oom_killed=bool(state.get("OOMKilled", False)),
-            error=str(state.get("Error") or ""),
-        )
+        # `docker rm -f` marks the container "removing" before it kills it, so a
+        # removal is distinguished from an app killed by a signal (also 137).
+        if info is None or state.get("Status") in ("removing", "dead"):
+            return ContainerExit(exit_code=-1, oom_killed=False, error="container vanished")
+        exit_code = int(result.get("StatusCode", state.get("ExitCode", -1)))
+        oom_killed = bool(state.get("OOMKilled", False))
+        if exit_code == SIGKILL_EXIT_CODE and not oom_killed:
+            oom_killed = await self._late_oom_flag(container_id)
+        return ContainerExit(exit_code=exit_code, oom_killed=oom_killed, error=str(state.get("Error") or ""))
+
+    async def _late_oom_flag(self, container_id: str) -> bool:
+        """Tell whether a container that exited with 137 was OOM-killed, when OOMKilled was false at first.
+
+        dockerd handles the kernel's OOM event and the exit event separately,
+        so OOMKilled can turn true shortly after the wait has returned, and on
+        a busy engine it was seen to stay false. The `oom` event that dockerd
+        publishes for the container is the second source, and the kernel log,
+        where readable, the third.
+        """
+        started_at = ""
+        for _ in range(OOM_FLAG_POLLS):
+            await asyncio.sleep(OOM_FLAG_POLL_INTERVAL_S)
+            info = await self.inspect(container_id)
+            if info is None:
+                return False
+            if info.get("State", {}).get("OOMKilled"):
+                return True
+            started_at = str(info.get("State", {}).get("StartedAt") or "")
+        if await self._call(self._oom_event_seen(container_id, started_at), "events"):
+            return True
+        in_kernel_log = await asyncio.to_thread(oom_kill_logged, container_id)
+        if in_kernel_log:
+            log.info("oom_kill_found_in_kernel_log", container_id=container_id[:12])
+        return bool(in_kernel_log)
+
+    async def _oom_event_seen(self, container_id: str, started_at: str) -> bool:
+        try:
+            since_s = parse_rfc3339_ns(started_at) // 1_000_000_000
+        except ValueError:
+            since_s = int(time.time()) - 24 * 3600
+        params = {
+            "since": str(since_s),
+            # One second ahead, so an event from this very second is included.
+            "until": str(int(time.time()) + 1),
+            "filters": json.dumps({"container": [container_id], "event": ["oom"]}),
+        }
+        # NOTE: aiodocker has no call for a bounded event query, so this uses its request helper.
+        async with self.docker._query("events", method="GET", params=params) as response:
+            body = await response.read()
+        return any(line.strip() for line in body.splitlines())
 
     async def stop(self, container_id: str, grace_s: int) -> None:
         container = self.docker.containers.container(container_id)
@@ -224,12 +380,17 @@ class DockerRuntime:
                 return
             raise
 
-    async def follow_logs(self, container_id: str, since: int = 0) -> AsyncIterator[str]:
-        """Yield the container's stdout and stderr from `since` (epoch seconds) until it exits."""
+    async def follow_logs(self, container_id: str, since_ns: int = 0) -> AsyncIterator[LogMessage]:
+        """Yield the container's stdout and stderr messages from `since_ns` (inclusive) until it exits.
+
+        Docker stamps every message with its arrival time in nanoseconds, so a
+        reader that resumes after a restart can skip exactly the messages it stored.
+        """
         container = self.docker.containers.container(container_id)
-        stream = container.log(stdout=True, stderr=True, follow=True, since=since)
+        since = f"{since_ns // 1_000_000_000}.{since_ns % 1_000_000_000:09d}"
+        stream = container.log(stdout=True, stderr=True, follow=True, since=since, timestamps=True)
         async for chunk in stream:
-            yield chunk
+            yield parse_log_message(chunk)
 
     async def list_managed(self) -> list[ManagedContainer]:
         containers = await self._call(
@@ -246,6 +407,7 @@ class DockerRuntime:
                     id=str(container.id),
                     job_id=str(labels.get(LABEL_JOB, "")),
                     running=container._container.get("State") == "running",
+                    state=str(container._container.get("State") or ""),
                 )
             )
         return managed

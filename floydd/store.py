@@ -113,6 +113,10 @@ class JobStore:
         await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*row[1:], row[0]))
         await self._db.commit()
 
+    async def delete(self, job_id: str) -> None:
+        await self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        await self._db.commit()
+
     async def get(self, job_id: str) -> Job | None:
         async with self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)) as cursor:
             row = await cursor.fetchone()

@@ -11,18 +11,25 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from floydd.auth import User
 from floydd.config import Settings
-from floydd.errors import Conflict, FloyddError, JobNotFound, JobNotServing, RuntimeFailure
-from floydd.jobs import Job, JobMode, JobState, utcnow
+from floydd.datasets import DatasetStore, may_use_dataset
+from floydd.errors import Conflict, FloyddError, InvalidRequest, JobNotFound, JobNotServing, RuntimeFailure
+from floydd.gpus import GpuInventory, GpuPool, NoGpus, NvidiaSmi
+from floydd.joblogs import JobLogWriter
+from floydd.jobrequests import RequestContext
+from floydd.jobs import FINAL_STATES, Job, JobMode, JobState, utcnow
 from floydd.queue import QueueRegistry, Upstream
 from floydd.readiness import wait_until_listening
-from floydd.runtime import APP_PORT, ContainerExit, DockerRuntime
+from floydd.runtime import APP_PORT, MAX_RETRY_DELAY_S, ContainerExit, ContainerSpec, DockerRuntime, Mount
 from floydd.store import JobStore
 
 log = structlog.get_logger(__name__)
@@ -64,12 +71,26 @@ class _Handle:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, runtime: DockerRuntime, queues: QueueRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        runtime: DockerRuntime,
+        queues: QueueRegistry,
+        gpu_inventory: GpuInventory | None = None,
+    ) -> None:
         self._settings = settings
         self._store = store
         self._runtime = runtime
         self._queues = queues
         self._handles: dict[str, _Handle] = {}
+        self.datasets = DatasetStore(settings.state_path / "datasets")
+        if gpu_inventory is None:
+            gpu_inventory = NvidiaSmi() if settings.gpus.discovery == "auto" else NoGpus()
+        self._gpu_inventory = gpu_inventory
+        # Filled by start(), once the GPUs are discovered.
+        self.gpus = GpuPool([])
+        self._pruner: asyncio.Task[None] | None = None
 
     # Paths
 
@@ -82,32 +103,82 @@ class Supervisor:
     # Lifecycle of the supervisor itself
 
     async def start(self) -> None:
-        """Clean up after the previous run, then adopt or end the jobs it left."""
-        shutil.rmtree(self._settings.state_path / "uploads", ignore_errors=True)
+        """Clean up after the previous run, then adopt or end the jobs it left, then start queued ones."""
+        self.gpus = GpuPool(await asyncio.to_thread(self._gpu_inventory.discover))
+        log.info("gpus_discovered", count=self.gpus.total, devices=[gpu.uuid for gpu in self.gpus.gpus])
         unfinished = await self._store.list(states=[s for s in JobState if not s.is_final], limit=1_000_000)
+        await self._remove_leftover_files()
         containers = {container.job_id: container for container in await self._runtime.list_managed()}
         known = {job.id for job in unfinished}
         for job_id, container in containers.items():
             if job_id not in known:
                 log.warning("orphan_container_removed", job_id=job_id, container_id=container.id[:12])
                 await self._runtime.remove(container.id)
+        queued = []
         for job in sorted(unfinished, key=lambda job: job.created_at):
             found = containers.get(job.id)
-            if found is not None and found.running and job.container_id == found.id:
-                self._spawn(job, adopt=True)
-            elif job.state is JobState.QUEUED:
-                self._spawn(job, adopt=False)
-            else:
+            if job.state is JobState.QUEUED:
+                queued.append(job)
+            elif found is not None and job.container_id == found.id and found.state != "created":
+                self._adopt(job)
+            elif job.container_id is None or (found is not None and found.state == "created"):
+                # Killed before the container started: nothing of the job ran, so start it afresh.
                 if found is not None:
                     await self._runtime.remove(found.id)
+                log.info("job_relaunched", job_id=job.id)
+                queued.append(_replace(job, container_id=None, host_port=None))
+            else:
                 await self._save(job, JobState.FAILED, reason="container vanished while floydd was down")
+        # Adopted jobs have their GPUs back before queued jobs ask for any.
+        for job in queued:
+            self._spawn(job, adopt=False)
+        self._pruner = asyncio.create_task(self._prune_forever(), name="pruner")
+
+    def _adopt(self, job: Job) -> None:
+        devices = tuple(job.options.get("gpu_devices", ()))
+        missing = self.gpus.claim(job.id, devices)
+        if missing:
+            log.warning("adopted_job_gpus_missing", job_id=job.id, devices=list(missing))
+        log.info("job_adopted", job_id=job.id, state=job.state.value, container_id=(job.container_id or "")[:12])
+        self._spawn(job, adopt=True)
+
+    async def _remove_leftover_files(self) -> None:
+        """Remove half-received uploads and the folders of jobs that were never recorded."""
+        await asyncio.to_thread(shutil.rmtree, self._settings.state_path / "uploads", True)
+        await asyncio.to_thread(self.datasets.clean_staging)
+        jobs_root = self._settings.state_path / "jobs"
+        folders = [entry for entry in jobs_root.iterdir() if entry.is_dir()] if jobs_root.is_dir() else []
+        for folder in folders:
+            await asyncio.to_thread(shutil.rmtree, folder / "code.unpacking", True)
+            if await self._store.get(folder.name) is None:
+                log.warning("unrecorded_job_files_removed", job_id=folder.name)
+                await asyncio.to_thread(shutil.rmtree, folder, True)
 
     async def close(self) -> None:
-        """Stop supervising; containers keep running and are adopted at the next start."""
+        """Stop supervising jobs.
+
+        Containers keep running and are adopted at the next start, unless
+        `lifecycle.stop_containers_on_shutdown` is set. Then they are stopped
+        and their jobs end `stopped`.
+        """
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+        if self._settings.lifecycle.stop_containers_on_shutdown:
+            await self._stop_all()
         tasks = [handle.task for handle in self._handles.values() if handle.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stop_all(self) -> None:
+        handles = list(self._handles.values())
+        for handle in handles:
+            handle.request_end(JobState.STOPPED)
+        limit = self._settings.jobs.stop_grace_s + 3 * self._settings.docker.call_timeout_s
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await asyncio.gather(*(handle.done.wait() for handle in handles))
 
     # Requests from the API
 
@@ -142,6 +213,65 @@ class Supervisor:
                 await handle.done.wait()
         return await self.get(job_id)
 
+    def request_context(self, user: User) -> RequestContext:
+        """Return what checking `user`'s new job's requests needs: caps, datasets, GPUs, other jobs."""
+        return RequestContext(
+            resources=self._settings.resources,
+            datasets=self.datasets,
+            gpu_count=self.gpus.total,
+            find_job=self._store.get,
+            has_output=lambda job_id: self.files(job_id).output.is_dir(),
+            may_use_job=lambda job: user.is_admin or job.owner == user.name,
+            may_use_dataset=lambda dataset: may_use_dataset(user, dataset),
+        )
+
+    async def delete(self, job_id: str) -> None:
+        """Remove a finished job: its container if any is left, its files, output, logs and record."""
+        job = await self.get(job_id)
+        if not job.state.is_final:
+            raise Conflict(f"job {job_id} is {job.state.value}; stop it before deleting it", state=job.state.value)
+        await self._check_output_unused(job_id)
+        if job.container_id is not None:
+            await self._runtime.remove(job.container_id)
+        await asyncio.to_thread(shutil.rmtree, self.files(job_id).root, True)
+        await self._store.delete(job_id)
+        log.info("job_deleted", job_id=job_id)
+
+    async def _check_output_unused(self, job_id: str) -> None:
+        for other in await self.jobs_using(lambda entry: entry.get("job_output") == job_id):
+            raise Conflict(f"job {other.id} mounts the output of job {job_id}", job_id=other.id)
+
+    async def jobs_using(self, matches: Callable[[dict[str, Any]], bool]) -> Sequence[Job]:
+        """Return the unfinished jobs with a data mount for which `matches` is true."""
+        unfinished = await self._store.list(states=[s for s in JobState if not s.is_final], limit=1_000_000)
+        return [job for job in unfinished if any(matches(entry) for entry in job.options.get("data", []))]
+
+    # Retention
+
+    async def _prune_forever(self) -> None:
+        while True:
+            try:
+                await self.prune()
+            except Exception:
+                log.exception("job_prune_failed")
+            await asyncio.sleep(self._settings.lifecycle.prune_interval_s)
+
+    async def prune(self) -> int:
+        """Delete the files of jobs that ended more than `lifecycle.retention_s` ago; keep their records."""
+        cutoff = utcnow() - timedelta(seconds=self._settings.lifecycle.retention_s)
+        ended = await self._store.list(states=FINAL_STATES, limit=1_000_000)
+        mounting = await self.jobs_using(lambda _: True)
+        in_use = {entry.get("job_output") for job in mounting for entry in job.options["data"]}
+        pruned = 0
+        for job in ended:
+            if job.ended_at is None or job.ended_at > cutoff or "pruned_at" in job.options or job.id in in_use:
+                continue
+            await asyncio.to_thread(shutil.rmtree, self.files(job.id).root, True)
+            await self._save(job, job.state, options={**job.options, "pruned_at": utcnow().isoformat()})
+            log.info("job_files_pruned", job_id=job.id, ended_at=job.ended_at.isoformat())
+            pruned += 1
+        return pruned
+
     # One task per job
 
     def _spawn(self, job: Job, *, adopt: bool) -> None:
@@ -165,6 +295,7 @@ class Supervisor:
             job = await self._end_after_error(job, exc)
         finally:
             deadline_task.cancel()
+            self.gpus.release(job.id)
             self._handles.pop(job.id, None)
             handle.done.set()
 
@@ -176,13 +307,17 @@ class Supervisor:
 
     async def _run(self, job: Job, handle: _Handle, adopt: bool) -> Job:
         if not adopt:
+            job = await self._wait_for_gpus(job, handle)
             if handle.end_requested.is_set():
                 return await self._save(job, handle.end_request or JobState.STOPPED, reason=_end_reason(handle))
             job = await self._launch(job)
+        elif job.mode is JobMode.SERVE and job.host_port is None and job.container_id is not None:
+            # Killed between the container's start and the record of its port.
+            job = await self._save(job, job.state, host_port=await self._runtime.published_port(job.container_id))
         container_id = job.container_id
         assert container_id is not None
         exit_waiter = asyncio.create_task(self._runtime.wait(container_id))
-        logs = asyncio.create_task(self._pump_logs(job, since=int(utcnow().timestamp()) if adopt else 0))
+        logs = asyncio.create_task(self._pump_logs(job, adopt, exit_waiter))
         try:
             if job.state is JobState.STARTING:
                 job = await self._become_ready(job, handle, exit_waiter)
@@ -200,11 +335,54 @@ class Supervisor:
             logs.cancel()
         return await self._finish(job, handle, exit_info)
 
+    async def _wait_for_gpus(self, job: Job, handle: _Handle) -> Job:
+        """Hold the job in `queued` until its GPUs are free; return at once when it wants none."""
+        count = int(job.options.get("gpus", 0))
+        if count == 0:
+            return job
+        log.info("job_waiting_for_gpus", job_id=job.id, gpus=count, free=len(self.gpus.free()))
+        if count > self.gpus.total:
+            # Possible only when GPUs disappeared between the job's submission and a restart.
+            raise InvalidRequest(f"job requests {count} GPUs, but this host now has {self.gpus.total}")
+        acquire = asyncio.create_task(self.gpus.acquire(job.id, count))
+        winner = await _first_of(acquire, handle.end_requested.wait())
+        if winner is not acquire:
+            acquire.cancel()
+            await asyncio.gather(acquire, return_exceptions=True)
+            return job
+        devices = acquire.result()
+        # Recorded before the container exists, so a restart gives the same devices back to it.
+        return await self._save(job, job.state, options={**job.options, "gpu_devices": list(devices)})
+
+    def _container_spec(self, job: Job) -> ContainerSpec:
+        files = self.files(job.id)
+        resources = self._settings.resources
+        memory_bytes = int(job.options.get("memory_bytes") or resources.default_memory_mib * 1024**2)
+        cpus = float(job.options.get("cpus") or resources.default_cpus)
+        return ContainerSpec(
+            code_dir=files.code,
+            output_dir=files.output,
+            memory_bytes=memory_bytes,
+            nano_cpus=int(cpus * 1e9),
+            pids_limit=resources.pids_limit,
+            data_mounts=tuple(self._data_mount(entry) for entry in job.options.get("data", [])),
+            gpu_device_ids=tuple(job.options.get("gpu_devices", ())),
+        )
+
+    def _data_mount(self, entry: dict[str, Any]) -> Mount:
+        if "job_output" in entry:
+            source = self.files(entry["job_output"]).output
+            if not source.is_dir():
+                raise RuntimeFailure(f"the output of job {entry['job_output']} to mount at {entry['mount']} is gone")
+            return Mount(source, entry["mount"])
+        name, _, version = str(entry["dataset"]).partition("/")
+        return Mount(self.datasets.get(name, int(version)).data, entry["mount"])
+
     async def _launch(self, job: Job) -> Job:
         files = self.files(job.id)
         files.output.mkdir(parents=True, exist_ok=True)
         job = await self._save(job, JobState.STARTING, started_at=utcnow())
-        container_id = await self._runtime.create_container(job, files.code, files.output)
+        container_id = await self._runtime.create_container(job, self._container_spec(job))
         job = await self._save(job, job.state, container_id=container_id)
         await self._runtime.start_container(container_id)
         if job.mode is JobMode.SERVE:
@@ -258,20 +436,40 @@ class Supervisor:
                 await self._runtime.remove(current.container_id)
         return await self._save(current, JobState.FAILED, reason=detail)
 
-    async def _pump_logs(self, job: Job, since: int) -> None:
-        """Append the container's output to the job's log file as it arrives."""
+    async def _pump_logs(self, job: Job, resume: bool, exit_waiter: asyncio.Task[ContainerExit]) -> None:
+        """Append the container's output to the job's log file as it arrives.
+
+        An adopted job resumes after the last message on disk, and so does a
+        stream that the engine broke off, so neither repeats nor drops a line.
+        """
         assert job.container_id is not None
-        path = self.files(job.id).logs
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with path.open("a", encoding="utf-8", errors="replace") as output:
-                async for chunk in self._runtime.follow_logs(job.container_id, since=since):
-                    output.write(chunk)
-                    output.flush()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("job_logs_interrupted", job_id=job.id, error=str(exc))
+        writer = JobLogWriter(self.files(job.id).logs)
+        since_ns = writer.open(resume)
+        delay_s = 1.0
+        tried_after_exit = False
+        while True:
+            try:
+                async for message in self._runtime.follow_logs(job.container_id, since_ns=since_ns):
+                    writer.write(message)
+                complete = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("job_logs_interrupted", job_id=job.id, error=str(exc), delay_s=delay_s)
+                complete = False
+            if complete:
+                # Docker ends the stream when the container exits, but also when dockerd restarts.
+                done, _ = await asyncio.wait({exit_waiter}, timeout=2)
+                if done:
+                    return
+            elif exit_waiter.done():
+                # One more pass collects what the exited container wrote after the break.
+                if tried_after_exit:
+                    return
+                tried_after_exit = True
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_DELAY_S)
+            since_ns = writer.resume_point()
 
     async def _save(self, job: Job, state: JobState, **changes: object) -> Job:
         updated = job.transition(state, **changes) if state is not job.state else _replace(job, **changes)
@@ -312,7 +510,7 @@ def _outcome(
     if handle.end_request in (JobState.STOPPED, JobState.TIMED_OUT):
         return handle.end_request, _end_reason(handle)
     if exit_info.error == "container vanished":
-        return JobState.FAILED, "container vanished"
+        return JobState.FAILED, "container vanished: it was removed outside floydd"
     if exit_info.oom_killed:
         return JobState.FAILED, "out of memory"
     if exit_info.exit_code == 0:

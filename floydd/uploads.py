@@ -37,6 +37,8 @@ CHUNK_BYTES = 256 * 1024
 # Text fields (mode, env, command, ...) are small; a larger one is an error, not data.
 MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 32
+# Text fields that a submission may give more than once, such as several data mounts.
+REPEATABLE_FIELDS = frozenset({"data"})
 # Content types of a body that is the archive itself, with the fields in the query string.
 ARCHIVE_TYPES = frozenset(
     {"application/gzip", "application/x-gzip", "application/x-tar", "application/zip", "application/octet-stream"}
@@ -57,6 +59,8 @@ class Submission:
     """The fields of a job submission, with the code archive already on disk."""
 
     fields: dict[str, str] = field(default_factory=dict)
+    # Values of REPEATABLE_FIELDS, in the order they came.
+    repeated: dict[str, list[str]] = field(default_factory=dict)
     archive: Path | None = None
     archive_name: str = ""
     archive_bytes: int = 0
@@ -80,11 +84,15 @@ class UnpackLimits:
 
 
 async def receive_submission(
-    request: web.Request, spool_path: Path, max_upload_bytes: int, body_timeout_s: float = 60.0
+    request: web.Request,
+    spool_path: Path,
+    max_upload_bytes: int,
+    body_timeout_s: float = 60.0,
+    archive_field: str = "code",
 ) -> Submission:
-    """Read a job submission, streaming its archive to `spool_path`.
+    """Read a submission, streaming its archive to `spool_path`.
 
-    The body is either multipart/form-data with a `code` file part and text
+    The body is either multipart/form-data with an `archive_field` file part (`code` for jobs) and text
     fields, or the archive itself (a tar, gzip or zip content type) with the
     fields in the query string. Raises 413 when the body is over `max_upload_bytes`, by its Content-Length
     before reading or by counting while reading, and 408 when the client pauses
@@ -116,9 +124,11 @@ async def receive_submission(
             raise InvalidRequest(f"too many multipart parts: more than {MAX_PARTS}")
         if isinstance(part, MultipartReader):
             raise InvalidRequest("nested multipart parts are not supported")
-        await _read_part(part, submission, spool_path, max_upload_bytes, body_timeout_s)
+        await _read_part(part, submission, spool_path, max_upload_bytes, body_timeout_s, archive_field)
     if submission.archive is None:
-        raise InvalidRequest("missing 'code' part: attach the project archive with -F code=@project.tar.gz")
+        raise InvalidRequest(
+            f"missing {archive_field!r} part: attach the archive with -F {archive_field}=@archive.tar.gz"
+        )
     return submission
 
 
@@ -126,6 +136,9 @@ async def _receive_raw_archive(request: web.Request, spool_path: Path, limit: in
     submission = Submission(archive_name=request.query.get("filename", ""))
     for name in request.query.keys():
         values = request.query.getall(name)
+        if name in REPEATABLE_FIELDS:
+            submission.repeated[name] = list(values)
+            continue
         if len(values) > 1:
             raise InvalidRequest(f"field {name!r} given more than once")
         if name != "filename":
@@ -163,19 +176,25 @@ async def _within(timeout_s: float, step: Awaitable[_T]) -> _T:
 
 
 async def _read_part(
-    part: BodyPartReader, submission: Submission, spool_path: Path, limit: int, body_timeout_s: float
+    part: BodyPartReader,
+    submission: Submission,
+    spool_path: Path,
+    limit: int,
+    body_timeout_s: float,
+    archive_field: str,
 ) -> None:
     name = part.name
     if not name:
         raise InvalidRequest("a multipart part has no name")
-    if name == "code":
+    if name == archive_field:
         if submission.archive is not None:
-            raise InvalidRequest("more than one 'code' part")
+            raise InvalidRequest(f"more than one {archive_field!r} part")
         submission.archive_name = part.filename or ""
         submission.archive_bytes = await _spool(part, spool_path, limit, body_timeout_s)
         submission.archive = spool_path
         return
-    if name in submission.fields:
+    repeatable = name in REPEATABLE_FIELDS
+    if name in submission.fields and not repeatable:
         raise InvalidRequest(f"field {name!r} given more than once")
     data = bytearray()
     while chunk := await _within(body_timeout_s, part.read_chunk(CHUNK_BYTES)):
@@ -183,9 +202,13 @@ async def _read_part(
         if len(data) > MAX_FIELD_BYTES:
             raise InvalidRequest(f"field {name!r} is longer than {MAX_FIELD_BYTES} bytes")
     try:
-        submission.fields[name] = data.decode("utf-8")
+        value = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"field {name!r} is not valid UTF-8") from exc
+    if repeatable:
+        submission.repeated.setdefault(name, []).append(value)
+    else:
+        submission.fields[name] = value
 
 
 async def _spool(part: BodyPartReader | StreamReader, path: Path, limit: int, body_timeout_s: float) -> int:
