@@ -327,11 +327,14 @@ class Supervisor:
                 await self._runtime.stop(container_id, self._settings.jobs.stop_grace_s)
             exit_info = await exit_waiter
         finally:
+            exited = exit_waiter.done() and not exit_waiter.cancelled()
             exit_waiter.cancel()
             # Give the log stream a moment to deliver the container's last lines.
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
-                async with asyncio.timeout(5):
-                    await asyncio.shield(logs)
+            # On daemon shutdown the container keeps running, so there is nothing to wait for.
+            if exited:
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                    async with asyncio.timeout(5):
+                        await asyncio.shield(logs)
             logs.cancel()
         return await self._finish(job, handle, exit_info)
 
@@ -418,13 +421,14 @@ class Supervisor:
 
     async def _finish(self, job: Job, handle: _Handle, exit_info: ContainerExit) -> Job:
         state, reason = _outcome(job, handle, exit_info, self._settings.jobs.start_timeout_s)
-        job = await self._save(job, state, reason=reason, exit_code=exit_info.exit_code)
+        # The container goes first, so that a client that sees the final state
+        # never finds the container still there.
         if job.container_id is not None:
             try:
                 await self._runtime.remove(job.container_id)
             except RuntimeFailure as exc:
                 log.warning("container_remove_failed", job_id=job.id, error=exc.detail)
-        return job
+        return await self._save(job, state, reason=reason, exit_code=exit_info.exit_code)
 
     async def _end_after_error(self, job: Job, exc: Exception) -> Job:
         current = await self._store.get(job.id) or job
