@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -218,13 +219,15 @@ class DockerRuntime:
         return self._docker
 
     async def open(self) -> None:
-        self._docker = aiodocker.Docker(url=self._settings.url or None)
+        self._docker = _connect(self._settings.url)
         version = await self._call(self.docker.version(), "version")
         log.info("docker_connected", version=version.get("Version"), api_version=version.get("ApiVersion"))
 
     async def close(self) -> None:
         if self._docker is not None:
             await self._docker.close()
+            # aiodocker leaves a connector it was given open.
+            await self._docker.connector.close()
             self._docker = None
 
     async def _call(self, call: Awaitable[T], what: str) -> T:
@@ -411,3 +414,22 @@ class DockerRuntime:
                 )
             )
         return managed
+
+
+def _connect(url: str) -> aiodocker.Docker:
+    """Return a Docker client whose connection pool has no size limit.
+
+    Each job keeps two requests open for its whole life (container wait and
+    log follow), so aiohttp's default pool of 100 connections would stall
+    every other Docker call once about 50 jobs run.
+    """
+    target = url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not target.startswith("unix://"):
+        # NOTE: TCP and TLS engines keep aiodocker's own pool of 100 connections.
+        return aiodocker.Docker(url=target)
+    connector = aiohttp.UnixConnector(path=target[len("unix://"):], limit=0)
+    docker = aiodocker.Docker(url=target, connector=connector)
+    # aiodocker builds request URLs from docker_host; with a Unix socket the
+    # host part is a placeholder, as it sets itself when it makes the connector.
+    docker.docker_host = "unix://localhost"
+    return docker
