@@ -69,6 +69,10 @@ RAW_UPLOAD_PARAMETERS: list[Schema] = [
         ("max_uptime", "90, 90s, 30m, 12h or 7d"),
         ("private", "true or false (default)"),
         ("concurrency", "serve mode only: requests the app takes at once"),
+        ("data", "NAME[/VERSION]:MOUNT or jobs/<id>:MOUNT, a read-only dataset or job output"),
+        ("gpu", "whole GPUs the job gets exclusively"),
+        ("memory", "memory limit such as 512m or 8g, up to resources.max_memory_mib"),
+        ("cpus", "CPU limit such as 1.5, up to resources.max_cpus"),
         ("filename", "the archive's file name, for the log"),
     ]
 ]
@@ -131,6 +135,19 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "serve mode only: a whole number of requests the app takes at once, "
                 "capped by proxy.max_concurrency",
             },
+            "data": {
+                "type": "string",
+                "description": "NAME[/VERSION]:MOUNT or jobs/<id>:MOUNT, mounted read-only at /MOUNT "
+                "(input by default); send the part up to 5 times",
+                "examples": ["mnist/2:input"],
+            },
+            "gpu": {"type": "string", "description": "whole GPUs the job gets exclusively", "examples": ["1"]},
+            "memory": {
+                "type": "string",
+                "description": "memory limit, up to resources.max_memory_mib",
+                "examples": ["512m", "8g"],
+            },
+            "cpus": {"type": "string", "description": "CPU limit, up to resources.max_cpus", "examples": ["1.5"]},
         },
     },
 }
