@@ -261,6 +261,8 @@ class Proxy:
         except BadGateway as exc:
             if isinstance(exc, UpstreamBroken) or relay.started:
                 return relay.fail(exc)
+            # The job's end is what this request now waits for, so it must not cancel the wait.
+            admission.on_job_end(None)
             ended = await admission.wait_ended(JOB_END_WAIT_S)
             if ended is not None:
                 raise _job_ended(job_id, ended) from exc
