@@ -111,6 +111,7 @@ class Floydd:
         return self.results_dir / "floydd.log"
 
     async def start(self, timeout_s: float = 60) -> None:
+        token = await self._create_admin_token()
         log = self.log_path.open("wb")
         self.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "floydd", "--log-format", "json", "serve",
@@ -120,7 +121,23 @@ class Floydd:
         )  # fmt: skip
         log.close()
         self.url = await self._wait_listening(timeout_s)
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        # The API needs a token; /expose of a public job, which the load uses, does not.
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=600), headers={"Authorization": f"Bearer {token}"}
+        )
+
+    async def _create_admin_token(self) -> str:
+        """Create an admin token in the daemon's state dir with `floydd token create`."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "floydd", "token", "create", "bench", "--admin",
+            "--state-dir", str(self.state_dir),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **self.env},
+        )  # fmt: skip
+        stdout, stderr = await process.communicate()
+        if process.returncode != 0:
+            raise BenchError(f"floydd token create failed: {stderr.decode(errors='replace')[-500:]}")
+        return stdout.decode().strip()
 
     async def _wait_listening(self, timeout_s: float) -> str:
         """Read the daemon's JSON log until its floydd_listening line, which carries the URL."""
