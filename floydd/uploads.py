@@ -342,6 +342,16 @@ def _extract_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Pat
     if member.issparse():
         # A sparse map can declare far more bytes than the archive holds.
         raise ArchiveRejected(f"member {member.name!r} is a sparse file", member=member.name, rule="special_file")
+    if str(relative) == ".":
+        # `tar -C project .` starts with the folder itself, which is the job's root.
+        if not member.isdir():
+            raise ArchiveRejected(
+                f"member {member.name!r} names the archive root but is not a folder",
+                member=member.name,
+                rule="root_not_folder",
+            )
+        budget.add(member.name, 0)
+        return
     if not _inside(root, target.parent):
         raise ArchiveRejected(
             f"member {member.name!r} would be written through a link outside the archive",
@@ -461,6 +471,9 @@ def _extract_zip_member(bundle: zipfile.ZipFile, info: zipfile.ZipInfo, root: Pa
     if stat.S_IFMT(unix_mode) and not (stat.S_ISREG(unix_mode) or stat.S_ISDIR(unix_mode)):
         raise ArchiveRejected(f"member {info.filename!r} is a special file", member=info.filename, rule="special_file")
     target = root / relative
+    if str(relative) == "." and info.is_dir():
+        budget.add(info.filename, 0)
+        return
     if not _inside(root, target.parent):
         raise ArchiveRejected(
             f"member {info.filename!r} would be written outside the archive", member=info.filename, rule="link_escape"

@@ -41,6 +41,22 @@ def test_files_at_root_are_kept(tmp_path: Path) -> None:
     assert (tmp_path / "code" / "lib" / "util.py").is_file()
 
 
+def test_dot_root_member_is_accepted(tmp_path: Path) -> None:
+    # What `tar -czf p.tgz -C project .` writes: the folder itself, then ./-prefixed members.
+    root = tarfile.TarInfo(".")
+    root.type = tarfile.DIRTYPE
+    archive = make_tar(tmp_path / "a.tgz", [root, ("./app.py", b"x"), ("./lib/util.py", b"y")])
+    unpack_archive(archive, tmp_path / "code", LIMITS)
+    assert (tmp_path / "code" / "app.py").read_bytes() == b"x"
+    assert (tmp_path / "code" / "lib" / "util.py").read_bytes() == b"y"
+
+
+def test_dot_root_symlink_is_rejected(tmp_path: Path) -> None:
+    archive = make_tar(tmp_path / "a.tgz", [link(".", "/etc")])
+    with pytest.raises(ArchiveRejected, match="names the archive root"):
+        unpack_archive(archive, tmp_path / "code", LIMITS)
+
+
 def test_one_top_folder_is_flattened(tmp_path: Path) -> None:
     archive = make_tar(tmp_path / "a.tgz", [("project/app.py", b"x"), ("project/data/a.txt", b"y")])
     unpack_archive(archive, tmp_path / "code", LIMITS)
