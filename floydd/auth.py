@@ -174,9 +174,12 @@ class Authenticator:
                 headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
             )
         scheme, _, token = header.partition(" ")
-        user = None
-        if scheme.lower() == "bearer":
-            user = await self.tokens.authenticate(token.strip())
+        if scheme.lower() != "bearer":
+            raise Unauthorized(
+                "the Authorization header must use the Bearer scheme: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_request"'},
+            )
+        user = await self.tokens.authenticate(token.strip())
         if user is None:
             self._log_rejection(request)
             raise Unauthorized(

@@ -67,6 +67,10 @@ class DockerSettings:
     url: str = ""
     # Upper bound on one Docker API call, so a hung engine cannot hang a job.
     call_timeout_s: float = 30.0
+    # Bridge network for job containers, created with inter-container traffic
+    # disabled so one job cannot reach another's app around /expose. Empty
+    # means Docker's default bridge, where containers reach each other.
+    network: str = "floydd-jobs"
 
 
 @dataclass(frozen=True)

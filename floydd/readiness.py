@@ -14,15 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from pathlib import Path
 
 POLL_INTERVAL_S = 0.1
+# How long an app may listen on loopback only before the job fails; an app
+# that binds loopback first and all addresses a moment later still passes.
+LOOPBACK_GRACE_S = 3.0
 _TCP_LISTEN = "0A"
 
 
-def listening_ports(pid: int) -> set[int] | None:
-    """Return the TCP ports in LISTEN state in the network namespace of `pid`, or None if unreadable."""
-    ports: set[int] = set()
+class LoopbackOnly(Exception):
+    """The app listens on its port, but only on the container's loopback address."""
+
+
+def listening_ports(pid: int) -> dict[int, bool] | None:
+    """Return the TCP ports in LISTEN state in the network namespace of `pid`, or None if unreadable.
+
+    Each port maps to whether some listener on it is reachable from outside
+    the container, that is, bound to an address other than loopback.
+    """
+    ports: dict[int, bool] = {}
     readable = False
     for table in ("tcp", "tcp6"):
         try:
@@ -33,19 +45,44 @@ def listening_ports(pid: int) -> set[int] | None:
         for line in lines:
             fields = line.split()
             if len(fields) > 3 and fields[3] == _TCP_LISTEN:
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                address, _, port_hex = fields[1].rpartition(":")
+                port = int(port_hex, 16)
+                ports[port] = ports.get(port, False) or not _is_loopback(address)
     return ports if readable else None
 
 
+def _is_loopback(address_hex: str) -> bool:
+    """Decode a /proc/net/tcp{,6} address (32-bit words in host byte order, little-endian here)."""
+    raw = b"".join(bytes.fromhex(address_hex[i : i + 8])[::-1] for i in range(0, len(address_hex), 8))
+    address = ipaddress.ip_address(raw)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
 async def wait_until_listening(pid: int, container_port: int, host: str, host_port: int) -> None:
-    """Return once the app listens on `container_port`; poll until cancelled."""
+    """Return once the app listens on `container_port`; poll until cancelled.
+
+    Raises LoopbackOnly when the app has listened only on loopback for
+    LOOPBACK_GRACE_S, because Docker's published port can never reach it:
+    Flask's `app.run()` does that unless given `host="0.0.0.0"`.
+    """
+    loop = asyncio.get_running_loop()
+    loopback_since: float | None = None
     while True:
         ports = listening_ports(pid) if pid > 0 else None
         if ports is None:
             if await _http_answers(host, host_port):
                 return
-        elif container_port in ports:
+        elif ports.get(container_port):
             return
+        elif container_port in ports:
+            loopback_since = loopback_since or loop.time()
+            if loop.time() - loopback_since >= LOOPBACK_GRACE_S:
+                raise LoopbackOnly(
+                    f"the app listens on 127.0.0.1:{container_port} only, which the published port cannot reach; "
+                    f'listen on all addresses, e.g. app.run(host="0.0.0.0", port={container_port})'
+                )
         await asyncio.sleep(POLL_INTERVAL_S)
 
 

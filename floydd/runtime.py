@@ -38,6 +38,9 @@ LABEL_MODE = "org.floydd.mode"
 # Which daemon owns a container: several floydd instances (or test runs) may
 # share one engine, and each reconciles only its own containers.
 LABEL_INSTANCE = "org.floydd.instance"
+# Docker's bridge driver option that, set to "false", drops traffic between
+# containers on the same network.
+ICC_OPTION = "com.docker.network.bridge.enable_icc"
 APP_PORT = 5000
 # 128 + SIGKILL: the exit code of an OOM kill, and of any other SIGKILL.
 SIGKILL_EXIT_CODE = 137
@@ -141,7 +144,7 @@ class ContainerSpec:
     gpu_device_ids: tuple[str, ...] = ()
 
 
-def container_config(job: Job, spec: ContainerSpec, instance_id: str) -> dict[str, Any]:
+def container_config(job: Job, spec: ContainerSpec, instance_id: str, network: str = "") -> dict[str, Any]:
     """Build the Docker create body for a job's container."""
     if job.mode is JobMode.SERVE:
         command = ["sh", "-c", SERVE_SCRIPT]
@@ -155,6 +158,8 @@ def container_config(job: Job, spec: ContainerSpec, instance_id: str) -> dict[st
         "RestartPolicy": {"Name": "no"},
         **confinement(spec),
     }
+    if network:
+        host_config["NetworkMode"] = network
     if spec.gpu_device_ids:
         host_config["DeviceRequests"] = [
             {"Driver": "nvidia", "DeviceIDs": list(spec.gpu_device_ids), "Capabilities": [["gpu"]]}
@@ -222,6 +227,41 @@ class DockerRuntime:
         self._docker = _connect(self._settings.url)
         version = await self._call(self.docker.version(), "version")
         log.info("docker_connected", version=version.get("Version"), api_version=version.get("ApiVersion"))
+        if self._settings.network:
+            await self._ensure_network(self._settings.network)
+
+    async def _ensure_network(self, name: str) -> None:
+        """Create the job network with inter-container traffic disabled, unless it exists."""
+        info = await self._network_info(name)
+        if info is None:
+            config = {
+                "Name": name,
+                "Driver": "bridge",
+                "CheckDuplicate": True,
+                "Options": {ICC_OPTION: "false"},
+                "Labels": {LABEL_MANAGED: "true"},
+            }
+            try:
+                await self._call(self.docker.networks.create(config), "network create")
+                log.info("job_network_created", network=name)
+            except RuntimeFailure as exc:
+                # Another daemon on the same engine may have created it first.
+                if not (isinstance(exc.__cause__, DockerError) and exc.__cause__.status == 409):
+                    raise
+            info = await self._network_info(name)
+        options = (info or {}).get("Options") or {}
+        if options.get(ICC_OPTION) != "false":
+            log.warning("job_network_allows_icc", network=name, detail="jobs on it can reach each other")
+
+    async def _network_info(self, name: str) -> dict[str, Any] | None:
+        try:
+            network = await self._call(self.docker.networks.get(name), "network inspect")
+            info: dict[str, Any] = await self._call(network.show(), "network inspect")
+        except RuntimeFailure as exc:
+            if isinstance(exc.__cause__, DockerError) and exc.__cause__.status == 404:
+                return None
+            raise
+        return info
 
     async def close(self) -> None:
         if self._docker is not None:
@@ -253,7 +293,7 @@ class DockerRuntime:
         return True
 
     async def create_container(self, job: Job, spec: ContainerSpec) -> str:
-        config = container_config(job, spec, self.instance_id)
+        config = container_config(job, spec, self.instance_id, self._settings.network)
         container = await self._call(
             self.docker.containers.create(config, name=container_name(job.id)), "container create"
         )

@@ -28,7 +28,7 @@ from floydd.joblogs import JobLogWriter
 from floydd.jobrequests import RequestContext
 from floydd.jobs import FINAL_STATES, Job, JobMode, JobState, utcnow
 from floydd.queue import QueueRegistry, Upstream
-from floydd.readiness import wait_until_listening
+from floydd.readiness import LoopbackOnly, wait_until_listening
 from floydd.runtime import APP_PORT, MAX_RETRY_DELAY_S, ContainerExit, ContainerSpec, DockerRuntime, Mount
 from floydd.store import JobStore
 
@@ -59,8 +59,10 @@ class _Handle:
     """The live side of a job that is not final: its task and the requests to end it."""
 
     task: asyncio.Task[None] | None = None
-    # STOPPED or TIMED_OUT once an end has been requested.
+    # STOPPED, TIMED_OUT or FAILED once an end has been requested.
     end_request: JobState | None = None
+    # Why the supervisor itself fails the job, when it does.
+    failure: str | None = None
     end_requested: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -413,6 +415,11 @@ class Supervisor:
                 handle.request_end(JobState.FAILED)
                 log.warning("job_start_timed_out", job_id=job.id, start_timeout_s=timeout_s)
             return job
+        if isinstance(listening.exception(), LoopbackOnly):
+            handle.failure = str(listening.exception())
+            handle.request_end(JobState.FAILED)
+            log.warning("job_app_unreachable", job_id=job.id, reason=handle.failure)
+            return job
         job = await self._save(job, JobState.SERVING)
         queue = self._queues.get(job.id)
         if queue is not None:
@@ -509,6 +516,8 @@ def _end_reason(handle: _Handle) -> str:
 def _outcome(
     job: Job, handle: _Handle, exit_info: ContainerExit, start_timeout_s: float
 ) -> tuple[JobState, str | None]:
+    if handle.end_request is JobState.FAILED and handle.failure:
+        return JobState.FAILED, handle.failure
     if handle.end_request is JobState.FAILED:
         return JobState.FAILED, f"the app did not accept connections on port {APP_PORT} within {start_timeout_s:g} s"
     if handle.end_request in (JobState.STOPPED, JobState.TIMED_OUT):

@@ -50,9 +50,10 @@ async def fetch(
         ({}, None),
         (bearer("not-a-token"), "invalid_token"),
         (bearer("floydd_0123456789abcdef_" + "A" * 43), "invalid_token"),
-        ({"Authorization": "Basic YWRtaW46YWRtaW4="}, "invalid_token"),
+        ({"Authorization": "Basic YWRtaW46YWRtaW4="}, "invalid_request"),
+        ({"Authorization": "floydd_0123456789abcdef_" + "A" * 43}, "invalid_request"),
     ],
-    ids=["missing", "garbage", "unknown-id", "basic"],
+    ids=["missing", "garbage", "unknown-id", "basic", "no-scheme"],
 )
 async def test_api_without_valid_token_is_401(daemon: Daemon, headers: dict[str, str], error: str | None) -> None:
     for method, path in [

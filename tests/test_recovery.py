@@ -296,6 +296,10 @@ async def test_container_is_confined(daemons: Daemons, client: aiohttp.ClientSes
     assert host["NanoCpus"] == 500_000_000
     assert binds == ["/code", "/output"]
     assert not any("docker.sock" in bind for bind in host["Binds"])
+    assert host["NetworkMode"] == "floydd-jobs"
+    async with aiodocker.Docker() as docker:
+        network = await (await docker.networks.get("floydd-jobs")).show()
+    assert network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
 
 
 async def test_serve_oom_ends_queued_requests(daemons: Daemons, client: aiohttp.ClientSession, tmp_path) -> None:

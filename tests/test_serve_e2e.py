@@ -177,3 +177,22 @@ async def test_serve_upload_without_app_py(daemon: Daemon, client: aiohttp.Clien
     assert status == 400
     assert "app.py" in body["detail"]
     assert not list((daemon.state_dir / "jobs").glob("*"))
+
+
+async def test_loopback_only_app_fails_clearly(daemon: Daemon, client: aiohttp.ClientSession, tmp_path) -> None:
+    project = tmp_path / "loopback"
+    project.mkdir()
+    # Flask's default host is 127.0.0.1, which Docker's published port cannot reach.
+    (project / "app.py").write_text(
+        "from flask import Flask\n"
+        "app = Flask(__name__)\n"
+        "@app.get('/')\n"
+        "def index():\n"
+        "    return 'hi'\n"
+        "app.run(port=5000)\n"
+    )
+    job = await submit_ok(client, daemon, project, mode="serve")
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"}, timeout_s=60)
+    assert "listens on 127.0.0.1:5000 only" in ended["reason"]
+    assert 'host="0.0.0.0"' in ended["reason"]
+    assert not await container_exists(job["id"])
