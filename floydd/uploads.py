@@ -320,7 +320,11 @@ def _unpack_tar(archive: Path, root: Path, budget: _Budget) -> None:
             for member in _iter_tar(tar):
                 _extract_tar_member(tar, member, root, budget)
     except tarfile.ReadError as exc:
-        raise ArchiveRejected(f"not a tar, tar.gz or zip archive: {exc}", rule="corrupt") from exc
+        # tarfile lists every compression it tried over several lines; the client needs one.
+        raise ArchiveRejected(
+            "not a tar, tar.gz or zip archive; attach the file itself, e.g. -F code=@project.tar.gz",
+            rule="corrupt",
+        ) from exc
     except (EOFError, OSError, zlib.error) as exc:
         if isinstance(exc, ArchiveRejected):
             raise
