@@ -150,7 +150,9 @@ async def test_app_dying_mid_response_aborts(tmp_path: Path, response_bytes: byt
 
     upstream = await raw_upstream(die)
     async with running_proxy(tmp_path, upstream.port) as proxy:
-        raw = await raw_exchange(proxy.url, f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        raw = await raw_exchange(
+            proxy.url, f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+        )
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     if b"Content-Length: 1000" in head:
@@ -482,3 +484,29 @@ async def test_metrics_count_requests(tmp_path: Path) -> None:
     assert f'floydd_proxy_queue_depth{{job_id="{job}"}} 0.0' in text
     assert f'floydd_proxy_queue_wait_seconds_count{{job_id="{job}"}} 1.0' in text
     assert 'floydd_jobs{state="serving"} 1.0' in text
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"X-Note: a\rInjected: 1",  # bare CR inside a value
+        b"X-Note: a\nInjected: 1",  # bare LF ends the line early in lenient parsers
+        b"X-Note: a\r\n Injected: 1",  # obsolete line folding
+        b"X-Note: a\x00Injected: 1",  # NUL inside a value
+    ],
+    ids=["bare-cr", "bare-lf", "obs-fold", "nul"],
+)
+async def test_app_cannot_inject_headers(tmp_path: Path, header: bytes) -> None:
+    async def injecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + header + b"\r\n\r\nok")
+        await writer.drain()
+
+    upstream = await raw_upstream(injecting)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        raw = await raw_exchange(
+            proxy.url, f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
+        )
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert b"\r\ninjected:" not in head.lower()
+    assert raw.split(b" ")[1] == b"502"
