@@ -18,7 +18,7 @@ import ipaddress
 from pathlib import Path
 
 POLL_INTERVAL_S = 0.1
-# How long an app may listen on loopback only before the job fails; an app
+# How long an app may listen on loopback only before the job fails. An app
 # that binds loopback first and all addresses a moment later still passes.
 LOOPBACK_GRACE_S = 3.0
 _TCP_LISTEN = "0A"
