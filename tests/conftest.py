@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -164,7 +165,14 @@ def docker_engine(default_image: str) -> Iterator[None]:
 
 @pytest.fixture
 async def daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path / "state")
+    async with running_daemon(tmp_path) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterator[Daemon]:
+    """Run a daemon with a state dir under `tmp_path` and `env` overrides; stop it and its jobs' containers after."""
+    running = await start_daemon(tmp_path / "state", env=env)
     try:
         yield running
     finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import APPS, Daemon, remove_job_containers, start_daemon, submit, submit_ok, tar_gz
+from tests.conftest import APPS, Daemon, running_daemon, submit, submit_ok, tar_gz
 
 pytestmark = pytest.mark.docker
 
@@ -124,12 +124,8 @@ async def test_list_jobs_filters_by_state(daemon: Daemon, client: aiohttp.Client
 
 @pytest.fixture
 async def small_limit_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path / "state", env={"FLOYDD_UPLOADS_MAX_UPLOAD_BYTES": "2000"})
-    try:
+    async with running_daemon(tmp_path, env={"FLOYDD_UPLOADS_MAX_UPLOAD_BYTES": "2000"}) as running:
         yield running
-    finally:
-        await running.stop()
-        await remove_job_containers(running)
 
 
 async def test_upload_over_limit_is_413(small_limit_daemon: Daemon, client: aiohttp.ClientSession) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import Daemon, create_token, get_logs, remove_job_containers, start_daemon, submit, wait_for_state
+from tests.conftest import Daemon, create_token, get_logs, running_daemon, submit, wait_for_state
 from tests.hostile import device, empty_files_tar_gz, link, tar_gz_bytes, zeros_tar_gz, zeros_zip
 
 pytestmark = pytest.mark.docker
@@ -142,12 +142,8 @@ async def test_ten_gib_zip_bomb_rejected(daemon: Daemon, client: aiohttp.ClientS
 
 @pytest.fixture
 async def few_files_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path / "state", env={"FLOYDD_UPLOADS_MAX_FILES": "10000"})
-    try:
+    async with running_daemon(tmp_path, env={"FLOYDD_UPLOADS_MAX_FILES": "10000"}) as running:
         yield running
-    finally:
-        await running.stop()
-        await remove_job_containers(running)
 
 
 async def test_hundred_thousand_files_rejected(
@@ -193,12 +189,8 @@ async def test_project_over_one_mib_accepted(daemon: Daemon, client: aiohttp.Cli
 async def big_upload_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
     limit = str(4 * 1024**3)
     env = {"FLOYDD_UPLOADS_MAX_UPLOAD_BYTES": limit, "FLOYDD_LIMITS_MAX_UPLOAD_BYTES": limit}
-    running = await start_daemon(tmp_path / "state", env=env)
-    try:
+    async with running_daemon(tmp_path, env=env) as running:
         yield running
-    finally:
-        await running.stop()
-        await remove_job_containers(running)
 
 
 def peak_rss_bytes(daemon: Daemon) -> int:
@@ -250,12 +242,8 @@ async def test_three_gib_upload_streams(big_upload_daemon: Daemon, client: aioht
 
 @pytest.fixture
 async def small_upload_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
-    running = await start_daemon(tmp_path / "state", env={"FLOYDD_LIMITS_MAX_UPLOAD_BYTES": "100000"})
-    try:
+    async with running_daemon(tmp_path, env={"FLOYDD_LIMITS_MAX_UPLOAD_BYTES": "100000"}) as running:
         yield running
-    finally:
-        await running.stop()
-        await remove_job_containers(running)
 
 
 @pytest.mark.parametrize("declared", [True, False])

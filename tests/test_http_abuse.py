@@ -12,7 +12,7 @@ import pytest
 from yarl import URL
 
 from floydd.openapi import openapi_document
-from tests.conftest import Daemon, create_token, remove_job_containers, start_daemon
+from tests.conftest import Daemon, create_token, running_daemon
 from tests.hostile import tar_gz_bytes
 
 pytestmark = pytest.mark.docker
@@ -230,12 +230,8 @@ async def test_oversized_request_head_is_400(daemon: Daemon, raw: bytes) -> None
 @pytest.fixture
 async def impatient_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
     env = {"FLOYDD_SERVER_KEEPALIVE_TIMEOUT_S": "1", "FLOYDD_SERVER_BODY_TIMEOUT_S": "1"}
-    running = await start_daemon(tmp_path / "state", env=env)
-    try:
+    async with running_daemon(tmp_path, env=env) as running:
         yield running
-    finally:
-        await running.stop()
-        await remove_job_containers(running)
 
 
 async def test_slow_headers_are_cut_off(impatient_daemon: Daemon) -> None:
@@ -276,8 +272,7 @@ async def test_stalled_body_is_408(impatient_daemon: Daemon) -> None:
 
 
 async def test_job_limit_429_before_body(tmp_path: Path, docker_engine: None) -> None:
-    daemon = await start_daemon(tmp_path / "state", env={"FLOYDD_LIMITS_MAX_RUNNING_JOBS": "1"})
-    try:
+    async with running_daemon(tmp_path, env={"FLOYDD_LIMITS_MAX_RUNNING_JOBS": "1"}) as daemon:
         token = await create_token(daemon.state_dir, "carol")
         project = part("code", _sleep_project(), "p.tar.gz") + part("command", b"sleep 60") + END
         status, _, payload = await exchange(daemon, post_jobs(token, MULTIPART, project))
@@ -292,9 +287,6 @@ async def test_job_limit_429_before_body(tmp_path: Path, docker_engine: None) ->
         assert code == 429
         assert error["limit"] == 1
         assert "limit is 1" in error["detail"]
-    finally:
-        await daemon.stop()
-        await remove_job_containers(daemon)
 
 
 def _sleep_project() -> bytes:

@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from floydd.uploads import ArchiveRejected, UnpackLimits, unpack_archive
+from tests.hostile import tar_gz_bytes
 
 LIMITS = UnpackLimits(max_unpacked_bytes=10 * 1024 * 1024, max_files=1000)
 
 
 def make_tar(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for member in members:
-            if isinstance(member, tarfile.TarInfo):
-                archive.addfile(member)
-            else:
-                name, data = member
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
+    path.write_bytes(tar_gz_bytes(members))
     return path
 
 
