@@ -111,12 +111,13 @@ class ProxySettings:
     # Requests that may wait for one job besides those in flight; more get 503.
     # 0 sizes each job's queue as 10 times its concurrency, at least 20.
     max_queue_depth: int = 0
-    # Longest wait in the queue, start-up included, before a 503.
+    # Maximum wait in the queue, start-up included, before a 503.
     queue_timeout_s: float = 300.0
-    # Longest wait for the app to start its response, then 504.
+    # Maximum wait for the app to start its response, then 504.
     response_timeout_s: float = 300.0
-    # Longest time from sending a request to the app to the end of its
-    # response; a 504 if the response has not started, else an aborted response.
+    # Maximum time from sending a request to the app to the end of its
+    # response. Past it, a response that has not started gets a 504 and one
+    # that has started is aborted.
     total_timeout_s: float = 300.0
     # Largest `concurrency` a job may request at creation.
     max_concurrency: int = 8
@@ -125,7 +126,7 @@ class ProxySettings:
     # Chunked request bodies are read whole before they are queued; up to this
     # many bytes stay in memory, the rest goes to a temporary file.
     request_buffer_bytes: int = 1024**2
-    # Longest pause in a chunked request body while floydd reads it, then 408.
+    # Maximum pause in a chunked request body while floydd reads it, then 408.
     request_body_timeout_s: float = 60.0
 
 
@@ -144,7 +145,7 @@ class ResourceSettings:
 
 @dataclass(frozen=True)
 class LifecycleSettings:
-    """What happens to jobs after they end and when floydd stops."""
+    """Job retention after jobs end, and the fate of containers when floydd stops."""
 
     # Seconds a finished job's files, output and logs are kept before they are pruned.
     retention_s: int = 30 * 86400

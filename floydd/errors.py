@@ -103,7 +103,7 @@ class GatewayTimeout(FloyddError):
 
 
 class RuntimeFailure(FloyddError):
-    """The Docker engine failed or did not answer in time."""
+    """The Docker engine failed or did not respond in time."""
 
     status = 503
     code = "docker_unavailable"

@@ -47,7 +47,7 @@ SIGKILL_EXIT_CODE = 137
 # NOTE: one second in all is an estimate of how late dockerd may set OOMKilled.
 OOM_FLAG_POLLS = 5
 OOM_FLAG_POLL_INTERVAL_S = 0.2
-# Longest pause between two tries of a wait or log stream that the engine broke off.
+# Maximum pause between two tries of a wait or log stream that the engine broke off.
 MAX_RETRY_DELAY_S = 30.0
 
 # Serve mode: install the project's requirements when present, then hand the
@@ -276,7 +276,7 @@ class DockerRuntime:
                 return await call
         except TimeoutError as exc:
             raise RuntimeFailure(
-                f"Docker engine did not answer {what} within {self._settings.call_timeout_s:g} s"
+                f"Docker engine did not respond to {what} within {self._settings.call_timeout_s:g} s"
             ) from exc
         except DockerError as exc:
             raise RuntimeFailure(f"Docker {what} failed: {exc.message}") from exc

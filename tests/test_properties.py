@@ -230,7 +230,11 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return "inf" if value == float("inf") else "-inf" if value == float("-inf") else repr(value)
+        if value == float("inf"):
+            return "inf"
+        if value == float("-inf"):
+            return "-inf"
+        return repr(value)
     if isinstance(value, int):
         return str(value)
     # JSON strings without ASCII escaping are valid TOML basic strings.
