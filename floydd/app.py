@@ -29,13 +29,15 @@ STORE = web.AppKey("store", JobStore)
 RUNTIME = web.AppKey("runtime", DockerRuntime)
 QUEUES = web.AppKey("queues", QueueRegistry)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+PROXY = web.AppKey("proxy", Proxy)
+METRICS = web.AppKey("metrics", ProxyMetrics)
 
 
 def build_app(settings: Settings) -> web.Application:
     """Create the application; its resources open in `_lifetime` when it starts."""
     store = JobStore(settings.state_path / "floydd.sqlite3")
     runtime = DockerRuntime(settings.docker, instance_id(settings.state_path))
-    queues = QueueRegistry(settings.proxy.max_queue_depth)
+    queues = QueueRegistry(settings.proxy.max_queue_depth, preconnect=settings.proxy.preconnect)
     supervisor = Supervisor(settings, store, runtime, queues)
 
     # error_middleware comes first so that auth_middleware's 401 becomes JSON.
@@ -51,6 +53,7 @@ def build_app(settings: Settings) -> web.Application:
     api = JobsApi(settings, supervisor, runtime, store)
     metrics = ProxyMetrics(queues, store)
     proxy = Proxy(settings.proxy, queues, store, metrics, settings.state_path / "spool")
+    app[PROXY], app[METRICS] = proxy, metrics
     # Every /api route, the catch-all for unknown ones included, authenticates before `100 Continue`.
     app.router.add_routes(guard_routes(api.routes()))
     app.router.add_routes(guard_routes(openapi_routes()))

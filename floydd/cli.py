@@ -160,6 +160,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def _run_server(settings: Settings, listener: socket.socket) -> None:
     from floydd.app import build_app
+    from floydd.front import build_front
 
     app = build_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, so a
@@ -185,8 +186,8 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    site = web.SockSite(runner, listener)
-    await site.start()
+    front = build_front(runner, settings.server)
+    listening = await loop.create_server(front, sock=listener)
     log.info("floydd_listening", host=settings.server.host, port=settings.server.port, url=settings.base_url())
     # runner.setup() ran the app's start-up (database open, containers
     # reconciled) and the socket accepts connections, so floydd is ready.
@@ -194,6 +195,8 @@ async def _run_server(settings: Settings, listener: socket.socket) -> None:
     await stop.wait()
     log.info("floydd_stopping", grace_s=settings.server.shutdown_grace_s)
     notify_stopping(f"finishing requests in flight, up to {settings.server.shutdown_grace_s:g} s")
+    listening.close()
+    await front.shutdown(settings.server.shutdown_grace_s)
     await runner.cleanup()
 
 

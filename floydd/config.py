@@ -128,6 +128,10 @@ class ProxySettings:
     request_buffer_bytes: int = 1024**2
     # Maximum pause in a chunked request body while floydd reads it, then 408.
     request_body_timeout_s: float = 60.0
+    # Open the next connection to an app that closes each one (Werkzeug
+    # does) while a request is in flight, so the next request does not wait
+    # for a connect. The spare is closed after 2 s unused.
+    preconnect: bool = True
 
 
 @dataclass(frozen=True)

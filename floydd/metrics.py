@@ -10,6 +10,7 @@ that follows its end, so that scrape still sees its final counts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -79,28 +80,50 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._fast_path = Counter(
+            "floydd_proxy_fast_path_requests",
+            "Requests to a job served by floydd's own HTTP/1.1 parser instead of aiohttp's "
+            "(bodyless requests to public jobs).",
+            registry=self.registry,
+        )
         self._jobs = _JobStateGauge()
         self.registry.register(_QueueCollector(queues))
         self.registry.register(self._jobs)
-        self._labelled: set[str] = set()
+        # The labelled series of each job, looked up once per job instead of on
+        # every request, because `labels()` costs a lock and a tuple per call.
+        self._series: dict[str, _JobSeries] = {}
         self._ended: set[str] = set()
 
     def answered(self, job_id: str, status: int) -> None:
-        self._labelled.add(job_id)
-        self._requests.labels(job_id, f"{status // 100}xx").inc()
+        series = self._job_series(job_id)
+        status_class = status // 100
+        counter = series.requests.get(status_class)
+        if counter is None:
+            counter = series.requests[status_class] = self._requests.labels(job_id, f"{status_class}xx")
+        counter.inc()
 
     def rejected(self, job_id: str, error: FloyddError) -> None:
-        self._labelled.add(job_id)
+        self._job_series(job_id)
         self._rejections.labels(job_id, str(error.extra.get("limit") or error.code)).inc()
+
+    def fast_path(self) -> None:
+        self._fast_path.inc()
 
     def unrouted(self, error: FloyddError) -> None:
         self._unrouted.labels(error.code).inc()
 
     def admitted(self, job_id: str, queued_s: float) -> None:
-        self._queue_wait.labels(job_id).observe(queued_s)
+        self._job_series(job_id).queue_wait.observe(queued_s)
 
     def app_started(self, job_id: str, app_s: float) -> None:
-        self._app_time.labels(job_id).observe(app_s)
+        self._job_series(job_id).app_time.observe(app_s)
+
+    def _job_series(self, job_id: str) -> _JobSeries:
+        series = self._series.get(job_id)
+        if series is None:
+            series = _JobSeries(self._queue_wait.labels(job_id), self._app_time.labels(job_id))
+            self._series[job_id] = series
+        return series
 
     async def handle(self, request: web.Request) -> web.Response:
         self._jobs.counts = await self._store.count_by_state()
@@ -113,8 +136,18 @@ class ProxyMetrics:
         for job_id in self._ended:
             for metric in (self._requests, self._rejections, self._queue_wait, self._app_time):
                 _remove_job(metric, job_id)
-            self._labelled.discard(job_id)
-        self._ended = self._labelled - live
+            self._series.pop(job_id, None)
+        self._ended = set(self._series) - live
+
+
+@dataclass
+class _JobSeries:
+    """One job's labelled series of the per-request metrics."""
+
+    queue_wait: Histogram
+    app_time: Histogram
+    # Counters of `floydd_proxy_requests` by status class (2 for 2xx).
+    requests: dict[int, Counter] = field(default_factory=dict)
 
 
 class _JobStateGauge(Collector):

@@ -11,12 +11,16 @@ docs/proxy.md describes the contract that clients see.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
-import uuid
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 
 from floydd.auth import AUTHENTICATOR
 from floydd.config import ProxySettings
@@ -62,7 +66,6 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"x-forwarded-prefix",
     b"x-request-id",
 }
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 
 # How long a request whose app connection broke waits for the supervisor to
 # record that the job ended, so the 502 can say why (out of memory, exit code).
@@ -80,21 +83,15 @@ class ExpectationFailed(FloyddError):
     code = "expectation_failed"
 
 
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Return the header names that `Connection` marks as hop-by-hop."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return frozenset(tokens)
+# Request ids are a random prefix per daemon start and a counter: unique like
+# a UUID4, without reading the system's random source on every request.
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_numbers = itertools.count(1)
 
 
-def end_to_end(headers: list[tuple[bytes, bytes]], drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
-    """Return `headers` without those in `drop` and those that `Connection` names."""
-    named = connection_tokens(headers)
-    if named:
-        drop = drop | named
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+def new_request_id() -> str:
+    """Return a new request id of 32 hex digits."""
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
 
 
 def upstream_target(raw_path: str, job_id: str) -> bytes:
@@ -104,6 +101,56 @@ def upstream_target(raw_path: str, job_id: str) -> bytes:
     if not rest.startswith("/"):
         rest = "/" + rest
     return rest.encode("latin-1")
+
+
+def upstream_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]],
+    *,
+    peer: bytes,
+    host: bytes,
+    scheme: bytes,
+    job_id: str,
+    request_id: str,
+) -> list[tuple[bytes, bytes]]:
+    """Return the headers sent to the app: the client's end-to-end ones, then those floydd sets."""
+    headers = []
+    prior = []
+    named: set[bytes] = set()
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered not in REQUEST_DROP:
+            headers.append((name, value))
+        elif lowered == b"x-forwarded-for":
+            prior.append(value)
+        elif lowered == b"connection":
+            named.update(connection_tokens(value))
+    if named:
+        headers = [(name, value) for name, value in headers if name.lower() not in named]
+    headers += (
+        (b"Host", host),
+        (b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer),
+        (b"X-Forwarded-Proto", scheme),
+        (b"X-Forwarded-Host", host),
+        (b"X-Forwarded-Prefix", b"/expose/" + job_id.encode("latin-1")),
+        (b"X-Request-ID", request_id.encode("latin-1")),
+    )
+    return headers
+
+
+def _request_upstream_headers(request: web.Request, job_id: str, request_id: str) -> list[tuple[bytes, bytes]]:
+    return upstream_headers(
+        request.raw_headers,
+        peer=(request.remote or "").encode("latin-1"),
+        host=(request.host or "").encode("latin-1"),
+        scheme=request.scheme.encode("latin-1"),
+        job_id=job_id,
+        request_id=request_id,
+    )
+
+
+def connection_tokens(value: bytes) -> list[bytes]:
+    """Return the header names, lowercased, that a `Connection` header value marks as hop-by-hop."""
+    return [token.strip().lower() for token in value.split(b",") if token.strip()]
 
 
 async def no_automatic_continue(request: web.Request) -> None:
@@ -122,13 +169,13 @@ class Proxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
-        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        request_id = request.headers.get("X-Request-ID") or new_request_id()
         queue = self._queues.get(job_id)
         try:
             # A private job admits only its owner's or an admin's token; floydd tokens are never forwarded.
             request = await request.app[AUTHENTICATOR].authorize_expose(request, job_id)
             if queue is None:
-                raise await self._not_serving(job_id)
+                raise await self.not_serving(job_id)
             if is_websocket_upgrade(request):
                 return await self._tunnel(request, queue, job_id, request_id)
             response = await self._proxy(request, queue, job_id, request_id)
@@ -142,7 +189,24 @@ class Proxy:
             self._metrics.answered(job_id, response.status)
         return response
 
-    async def _not_serving(self, job_id: str) -> FloyddError:
+    @property
+    def settings(self) -> ProxySettings:
+        return self._settings
+
+    def log_failure(self, error: FloyddError, job_id: str, request_id: str) -> None:
+        """Log an error response that is floydd's or the app's fault (5xx)."""
+        if error.status >= 500:
+            log.warning(
+                "proxy_request_failed",
+                job_id=job_id,
+                request_id=request_id,
+                status=error.status,
+                error=error.code,
+                detail=error.detail,
+            )
+
+    async def not_serving(self, job_id: str) -> FloyddError:
+        """Return the error for a job without a queue: unknown, or ended."""
         job = await self._store.get(job_id)
         if job is None:
             return JobNotFound(f"no job with id {job_id}")
@@ -154,15 +218,7 @@ class Proxy:
     async def _error_response(
         self, request: web.Request, exc: FloyddError, job_id: str, request_id: str
     ) -> web.StreamResponse:
-        if exc.status >= 500:
-            log.warning(
-                "proxy_request_failed",
-                job_id=job_id,
-                request_id=request_id,
-                status=exc.status,
-                error=exc.code,
-                detail=exc.detail,
-            )
+        self.log_failure(exc, job_id, request_id)
         response = web.json_response(exc.to_json(), status=exc.status, headers=exc.headers)
         response.headers["X-Request-ID"] = request_id
         if not request.content.is_eof():
@@ -179,11 +235,26 @@ class Proxy:
         expects_continue = _expects_continue(request)
         body = await self._request_body(request, expects_continue)
         try:
-            async with queue.slot(self._settings.queue_timeout_s) as admission:
+            admission = await queue.admit(self._settings.queue_timeout_s)
+            try:
                 self._metrics.admitted(job_id, admission.queued_s)
                 if expects_continue and not body.buffered:
                     await _send_continue(request)
-                return await self._forward(request, job_id, admission, body, request_id)
+                relay = _Relay(request, job_id, request_id)
+                headers = _request_upstream_headers(request, job_id, request_id)
+                await self.exchange(
+                    relay,
+                    admission,
+                    job_id,
+                    request.method,
+                    upstream_target(request.raw_path, job_id),
+                    headers,
+                    body.chunks(),
+                    body.length,
+                )
+                return relay.response
+            finally:
+                queue.release(admission)
         finally:
             body.close()
 
@@ -214,53 +285,68 @@ class Proxy:
             self._settings.request_body_timeout_s,
         )
 
-    async def _forward(
-        self, request: web.Request, job_id: str, admission: Admission, body: RequestBody, request_id: str
-    ) -> web.StreamResponse:
+    async def exchange(
+        self,
+        relay: Relay,
+        admission: Admission,
+        job_id: str,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes] | None,
+        content_length: int | None,
+    ) -> None:
+        """Send an admitted request to the app and relay its response to the client.
+
+        Raises FloyddError when no byte of a response has reached the client
+        yet; later failures abort the client's connection instead.
+        """
         task = asyncio.current_task()
         assert task is not None
         # The supervisor closes the queue when the job ends; cancelling breaks off whatever this request awaits.
         admission.on_job_end(task.cancel)
         started = time.monotonic()
-        relay = _Relay(request, job_id, request_id)
+        # A timer that cancels the task, not asyncio.timeout(), which costs more on every request.
+        total_timer = asyncio.get_running_loop().call_later(self._settings.total_timeout_s, relay.time_out, task)
         upstream: UpstreamResponse | None = None
         try:
-            async with asyncio.timeout(self._settings.total_timeout_s):
-                upstream = await send_request(
-                    admission.pool,
-                    request.method,
-                    upstream_target(request.raw_path, job_id),
-                    self._upstream_headers(request, job_id, request_id),
-                    body.chunks(),
-                    content_length=body.length,
-                    response_timeout_s=self._settings.response_timeout_s,
-                )
-                app_s = time.monotonic() - started
-                self._metrics.app_started(job_id, app_s)
-                await relay.send(upstream, admission.queued_s, app_s)
+            upstream = await send_request(
+                admission.pool,
+                method,
+                target,
+                headers,
+                body,
+                content_length=content_length,
+                response_timeout_s=self._settings.response_timeout_s,
+            )
+            app_s = time.monotonic() - started
+            self._metrics.app_started(job_id, app_s)
+            await relay.send(upstream, admission.queued_s, app_s)
         except asyncio.CancelledError:
+            if relay.timed_out:
+                task.uncancel()
+                relay.fail(
+                    GatewayTimeout(
+                        f"the app did not finish its response within {self._settings.total_timeout_s:g} s "
+                        "(proxy.total_timeout_s)",
+                        limit="total_timeout_s",
+                    )
+                )
+                return
             if admission.ended is None:
                 raise
             task.uncancel()
-            return relay.fail(_job_ended(job_id, admission.ended))
-        except TimeoutError as exc:
-            return relay.fail(
-                GatewayTimeout(
-                    f"the app did not finish its response within {self._settings.total_timeout_s:g} s "
-                    "(proxy.total_timeout_s)",
-                    limit="total_timeout_s",
-                ),
-                cause=exc,
-            )
+            relay.fail(_job_ended(job_id, admission.ended))
         except ConnectionResetError:
             # The client closed its connection mid-response (aiohttp raises
             # ClientConnectionResetError, a ConnectionResetError). Nothing is
             # left to answer, and it is not a fault of floydd or of the app.
-            log.debug("proxy_client_disconnected", job_id=job_id, request_id=request_id)
-            return relay.response
+            log.debug("proxy_client_disconnected", job_id=job_id, request_id=relay.request_id)
         except BadGateway as exc:
             if isinstance(exc, UpstreamBroken) or relay.started:
-                return relay.fail(exc)
+                relay.fail(exc)
+                return
+            total_timer.cancel()
             # The job's end is what this request now waits for, so it must not cancel the wait.
             admission.on_job_end(None)
             ended = await admission.wait_ended(JOB_END_WAIT_S)
@@ -268,30 +354,14 @@ class Proxy:
                 raise _job_ended(job_id, ended) from exc
             raise
         finally:
+            total_timer.cancel()
             admission.on_job_end(None)
             if upstream is not None:
                 await upstream.close()
-        return relay.response
-
-    def _upstream_headers(self, request: web.Request, job_id: str, request_id: str) -> list[tuple[bytes, bytes]]:
-        raw_headers = request.raw_headers
-        headers = end_to_end(list(raw_headers), REQUEST_DROP)
-        peer = (request.remote or "").encode("latin-1")
-        prior = [value for name, value in raw_headers if name.lower() == b"x-forwarded-for"]
-        host = (request.host or "").encode("latin-1")
-        headers += (
-            (b"Host", host),
-            (b"X-Forwarded-For", b", ".join([*prior, peer]) if prior else peer),
-            (b"X-Forwarded-Proto", request.scheme.encode("latin-1")),
-            (b"X-Forwarded-Host", host),
-            (b"X-Forwarded-Prefix", b"/expose/" + job_id.encode("latin-1")),
-            (b"X-Request-ID", request_id.encode("latin-1")),
-        )
-        return headers
 
     async def _tunnel(self, request: web.Request, queue: JobQueue, job_id: str, request_id: str) -> web.StreamResponse:
         pool = await queue.wait_open(self._settings.queue_timeout_s)
-        headers = self._upstream_headers(request, job_id, request_id)
+        headers = _request_upstream_headers(request, job_id, request_id)
         return await tunnel_websocket(
             request,
             pool,
@@ -303,62 +373,102 @@ class Proxy:
         )
 
 
-class _Relay:
+class Relay(Protocol):
     """The client side of one exchange: sends the app's response, or fails it cleanly."""
+
+    request_id: str
+    timed_out: bool
+
+    @property
+    def started(self) -> bool:
+        """Whether any byte of the response has gone to the client."""
+
+    def time_out(self, task: asyncio.Task[object]) -> None:
+        """Break off the exchange at proxy.total_timeout_s."""
+
+    async def send(self, upstream: UpstreamResponse, queued_s: float, app_s: float) -> None:
+        """Send the app's response, streaming its body."""
+
+    def fail(self, error: FloyddError) -> None:
+        """Raise `error` if the response has not started, else abort the client's connection."""
+
+
+class _Relay:
+    """The relay of a request that aiohttp parsed: the response is an aiohttp StreamResponse."""
 
     def __init__(self, request: web.Request, job_id: str, request_id: str) -> None:
         self._request = request
         self._job_id = job_id
-        self._request_id = request_id
-        self.response = web.StreamResponse()
+        self.request_id = request_id
+        self._response: web.StreamResponse | None = None
+        self.timed_out = False
+
+    @property
+    def response(self) -> web.StreamResponse:
+        if self._response is None:
+            self._response = web.StreamResponse()
+        return self._response
 
     @property
     def started(self) -> bool:
-        return self.response.prepared
+        return self._response is not None and self._response.prepared
+
+    def time_out(self, task: asyncio.Task[object]) -> None:
+        """Break off the exchange at proxy.total_timeout_s."""
+        self.timed_out = True
+        task.cancel()
 
     async def send(self, upstream: UpstreamResponse, queued_s: float, app_s: float) -> None:
-        response = self.response
-        response.set_status(upstream.status, upstream.reason or None)
-        content_length = _copy_response_headers(upstream.headers, response)
-        response.headers["X-Request-ID"] = self._request_id
-        response.headers.add("Server-Timing", f"queue;dur={queued_s * 1000:.1f}, app;dur={app_s * 1000:.1f}")
-        if content_length is not None:
-            response.content_length = content_length
+        headers = _response_headers(upstream.headers)
+        headers.append(("X-Request-ID", self.request_id))
+        headers.append(("Server-Timing", server_timing(queued_s, app_s)))
+        response = self._response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason or None, headers=CIMultiDict(headers)
+        )
         await response.prepare(self._request)
         async for chunk in upstream.iter_body():
             await response.write(chunk)
         await response.write_eof()
 
-    def fail(self, error: FloyddError, cause: BaseException | None = None) -> web.StreamResponse:
-        """Return the error as the response, or cut the response off if it has started.
-
-        An aborted connection is what tells the client that a response it has
-        begun to receive is incomplete; a clean end would look complete.
-        """
+    def fail(self, error: FloyddError) -> None:
         if not self.started:
-            raise error from cause
-        log.warning(
-            "proxy_response_aborted",
-            job_id=self._job_id,
-            request_id=self._request_id,
-            error=error.code,
-            detail=error.detail,
-        )
+            raise error
+        log_aborted(self._job_id, self.request_id, error)
         transport = self._request.transport
         if transport is not None:
             transport.abort()
-        return self.response
 
 
-def _copy_response_headers(headers: list[tuple[bytes, bytes]], response: web.StreamResponse) -> int | None:
-    """Copy the end-to-end headers; return the Content-Length, which aiohttp sets itself."""
-    content_length = None
+def log_aborted(job_id: str, request_id: str, error: FloyddError) -> None:
+    """Log a response cut off after it started.
+
+    An aborted connection is what tells the client that a response it has
+    begun to receive is incomplete; a clean end would look complete.
+    """
+    log.warning("proxy_response_aborted", job_id=job_id, request_id=request_id, error=error.code, detail=error.detail)
+
+
+def server_timing(queued_s: float, app_s: float) -> str:
+    """Return the `Server-Timing` value: time queued and time until the app started its response, in ms."""
+    return f"queue;dur={queued_s * 1000:.1f}, app;dur={app_s * 1000:.1f}"
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Return the end-to-end headers of the app's response, with its Content-Length as aiohttp expects it."""
+    kept = []
+    named: set[bytes] = set()
     for name, value in headers:
-        if name.lower() == b"content-length":
-            content_length = int(value)
-    for name, value in end_to_end(headers, RESPONSE_DROP):
-        response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    return content_length
+        lowered = name.lower()
+        if lowered == b"content-length":
+            # aiohttp frames the response by this header; llhttp has checked that it is a number.
+            kept.append(("Content-Length", str(int(value))))
+        elif lowered not in HOP_BY_HOP:
+            kept.append((name.decode("latin-1"), value.decode("latin-1")))
+        elif lowered == b"connection":
+            named.update(connection_tokens(value))
+    if named:
+        kept = [(name, value) for name, value in kept if name.lower().encode("latin-1") not in named]
+    return kept
 
 
 def _expects_continue(request: web.Request) -> bool:

@@ -42,12 +42,13 @@ def default_queue_depth(concurrency: int) -> int:
 class Admission:
     """A request's hold on one of the job's slots, from admission to release."""
 
-    __slots__ = ("upstream", "pool", "queued_s", "ended", "_on_end", "_ended_event")
+    __slots__ = ("upstream", "pool", "queued_s", "admitted_at", "ended", "_on_end", "_ended_event")
 
     def __init__(self, pool: ConnectionPool, queued_s: float) -> None:
         self.upstream = pool.upstream
         self.pool = pool
         self.queued_s = queued_s
+        self.admitted_at = time.monotonic()
         # The job's final state, set when the job ends while this request is in flight.
         self.ended: FloyddError | None = None
         self._on_end: Callable[[], object] | None = None
@@ -78,8 +79,13 @@ class Admission:
 
 
 class JobQueue:
-    def __init__(self, job_id: str, *, concurrency: int = 1, max_depth: int = 10) -> None:
+    def __init__(
+        self, job_id: str, *, concurrency: int = 1, max_depth: int = 10, preconnect: bool = True, public: bool = False
+    ) -> None:
         self.job_id = job_id
+        # True when requests need no token. A private job's requests are checked by the authenticator.
+        self.public = public
+        self._preconnect = preconnect
         self.concurrency = concurrency
         self.max_depth = max_depth
         # An OrderedDict, not a deque: a waiter that times out or whose client
@@ -113,7 +119,7 @@ class JobQueue:
 
     def open(self, upstream: Upstream) -> None:
         """Let requests through to `upstream`, in arrival order."""
-        self._pool = ConnectionPool(upstream)
+        self._pool = ConnectionPool(upstream, preconnect=self._preconnect)
         self._opened.set()
         self._admit()
 
@@ -151,20 +157,27 @@ class JobQueue:
         ahead = self.depth + self.in_flight
         return max(1, math.ceil(ahead * self._service_s / self.concurrency))
 
+    async def admit(self, timeout_s: float) -> Admission:
+        """Wait for this request's turn and take a slot, which `release()` gives back."""
+        started = time.monotonic()
+        pool = await self._acquire(timeout_s)
+        admission = Admission(pool, time.monotonic() - started)
+        self._admitted.add(admission)
+        return admission
+
+    def release(self, admission: Admission) -> None:
+        self._admitted.discard(admission)
+        self._record_service(time.monotonic() - admission.admitted_at)
+        self._release()
+
     @asynccontextmanager
     async def slot(self, timeout_s: float) -> AsyncIterator[Admission]:
         """Wait for this request's turn, hold the slot for the body, then release it."""
-        started = time.monotonic()
-        pool = await self._acquire(timeout_s)
-        admitted = time.monotonic()
-        admission = Admission(pool, admitted - started)
-        self._admitted.add(admission)
+        admission = await self.admit(timeout_s)
         try:
             yield admission
         finally:
-            self._admitted.discard(admission)
-            self._record_service(time.monotonic() - admitted)
-            self._release()
+            self.release(admission)
 
     async def _acquire(self, timeout_s: float) -> ConnectionPool:
         if self._closed is not None:
@@ -225,14 +238,17 @@ class JobQueue:
 class QueueRegistry:
     """The queues of the serve jobs that have not ended, by job id."""
 
-    def __init__(self, max_depth: int = 0) -> None:
+    def __init__(self, max_depth: int = 0, *, preconnect: bool = True) -> None:
         # 0 sizes each queue from its job's concurrency (default_queue_depth).
         self._max_depth = max_depth
+        self._preconnect = preconnect
         self._queues: dict[str, JobQueue] = {}
 
-    def create(self, job_id: str, concurrency: int = 1) -> JobQueue:
+    def create(self, job_id: str, concurrency: int = 1, *, public: bool = False) -> JobQueue:
         max_depth = self._max_depth or default_queue_depth(concurrency)
-        queue = JobQueue(job_id, concurrency=concurrency, max_depth=max_depth)
+        queue = JobQueue(
+            job_id, concurrency=concurrency, max_depth=max_depth, preconnect=self._preconnect, public=public
+        )
         self._queues[job_id] = queue
         return queue
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from floydd.auth import User
+from floydd.auth import User, is_private
 from floydd.config import Settings
 from floydd.datasets import DatasetStore, may_use_dataset
 from floydd.errors import Conflict, FloyddError, InvalidRequest, JobNotFound, JobNotServing, RuntimeFailure
@@ -280,7 +280,9 @@ class Supervisor:
         handle = _Handle()
         self._handles[job.id] = handle
         if job.mode is JobMode.SERVE and self._queues.get(job.id) is None:
-            queue = self._queues.create(job.id, concurrency=int(job.options.get("concurrency", 1)))
+            queue = self._queues.create(
+                job.id, concurrency=int(job.options.get("concurrency", 1)), public=not is_private(job)
+            )
             if adopt and job.host_port is not None and job.state is JobState.SERVING:
                 queue.open(Upstream("127.0.0.1", job.host_port))
         handle.task = asyncio.create_task(self._supervise(job, handle, adopt), name=f"job-{job.id}")

@@ -1,16 +1,25 @@
 """A lean HTTP/1.1 client for the one hop from floydd to a job's app.
 
-It is built on asyncio streams and httptools (llhttp) instead of aiohttp's
-client because the proxy needs the raw bytes: the request target passes
-byte for byte, repeated headers keep their order, bodies are never decoded
-or decompressed, and the response framing is known exactly, so a response
-cut short by the app can be told from a complete one.
+It is an asyncio Protocol that feeds httptools (llhttp) straight from
+`data_received`, instead of aiohttp's client or asyncio streams, because
+this hop is on every request's path and the proxy needs the raw bytes: the
+request target passes byte for byte, repeated headers keep their order,
+bodies are never decoded or decompressed, and the response framing is known
+exactly, so a response cut short by the app is distinguished from a complete one.
 
 Connections to an app that keeps them alive are reused from a small
 per-job pool (`ConnectionPool`). A connection goes back to the pool only
 after a complete, framed HTTP/1.1 response that did not ask to close it,
-and only when the whole request body was sent. The Werkzeug development
-server closes every connection, so with it each request opens a new one.
+and only when the whole request body was sent.
+
+An app that closes every connection (the Werkzeug development server, which
+`python app.py` runs) would otherwise cost a connect on every request, in
+series with the app's work. For such an app the pool opens the next
+connection while the current request is in flight (preconnect, as Envoy
+calls it), so the next request finds it ready. The pool keeps one such
+spare at most, and only while requests keep coming. It closes a spare after
+POOL_IDLE_TIMEOUT_S unused and opens a new one only when a request takes a
+connection.
 """
 
 from __future__ import annotations
@@ -19,13 +28,21 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import cast
 
 import httptools
+import structlog
 
 from floydd.errors import BadGateway, GatewayTimeout
+from floydd.flow import WriteFlowControl
+
+log = structlog.get_logger(__name__)
 
 READ_BYTES = 256 * 1024
+# Response body bytes buffered from the app before floydd stops reading from
+# it until the client has taken them, so memory stays flat for any body size.
+READ_HIGH_WATER_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 10.0
 # Idle connections kept per job; more than the max concurrency is never useful.
 POOL_MAX_IDLE = 8
@@ -59,28 +76,240 @@ class _ClosedBeforeResponse(BadGateway):
     """The app closed the connection before sending one byte of a response."""
 
 
-class _Connection:
-    __slots__ = ("reader", "writer", "idle_since")
+class _Message:
+    """One response from the app, filled in by the parser's callbacks."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "headers_complete",
+        "complete",
+        "upgrade",
+        "keep_alive",
+        "upgrade_tail",
+        "body",
+        "body_bytes",
+        "parser",
+    )
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers_complete = False
+        self.complete = False
+        self.upgrade = False
+        self.keep_alive = False
+        # Bytes after a 101 response head, which belong to the upgraded protocol.
+        self.upgrade_tail = b""
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if not _is_interim(self.status):
+            self.headers_complete = True
+            # Read here: llhttp resets these flags once the message is complete.
+            self.keep_alive = self.parser.get_http_version() == "1.1" and bool(self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+        self.body_bytes += len(body)
+
+    def on_message_complete(self) -> None:
+        if _is_interim(self.status):
+            # 100 Continue or 103 Early Hints: discard it, the real response follows.
+            self.reason = b""
+            self.headers.clear()
+            self.status = 0
+            return
+        self.complete = True
+
+
+def _is_interim(status: int) -> bool:
+    return 100 <= status < 200 and status != 101
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to the app, which parses each response as its bytes arrive.
+
+    The task that sent a request waits in `wait()` and is woken when bytes,
+    the end of the connection, or an error arrive.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
+        # The response being read, or None between exchanges.
+        self.message: _Message | None = None
+        # Bytes of the current response received so far. 0 means the app sent no response.
+        self.received = 0
+        self.eof = False
+        self.error: BadGateway | None = None
+        self.lost: Exception | None = None
+        self.head_timed_out = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._flow = WriteFlowControl()
+        self._read_paused = False
+        # Set when bytes arrive between exchanges, so the connection is never reused.
+        self._stray = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        message = self.message
+        if message is None or message.complete:
+            self._stray = True
+            return
+        self.received += len(data)
+        try:
+            message.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            # A 101 upgrade; its head is complete and the rest belongs to the new protocol.
+            message.headers_complete = True
+            message.upgrade = True
+            message.upgrade_tail = data[int(upgrade.args[0]) :]
+            self._pause_reading()
+        except httptools.HttpParserError as exc:
+            if message.headers_complete:
+                self.error = UpstreamBroken(f"the app sent an invalid response body: {exc}")
+            else:
+                self.error = BadGateway(f"the app sent an invalid HTTP response: {exc}")
+            self._pause_reading()
+        if message.body_bytes > READ_HIGH_WATER_BYTES:
+            self._pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        # False closes the transport: the app has nothing more to send.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self._wake()
+        self._flow.fail_drain(ConnectionResetError("the connection to the app was lost"))
+
+    def pause_writing(self) -> None:
+        self._flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._flow.resume_writing()
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the connection to the app is closed")
+        await self._flow.wait_writable()
+
+    async def wait(self) -> None:
+        """Wait for the next event on the connection: bytes, the end, or an error."""
+        self._resume_reading()
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def begin(self) -> _Message:
+        """Start a new exchange and return the response it will fill in."""
+        self.message = _Message()
+        self.received = 0
+        self.head_timed_out = False
+        return self.message
+
+    def idle(self) -> None:
+        """End the exchange and keep reading, so a close or stray bytes from the app are noticed while idle."""
+        self.message = None
+        self.idle_since = time.monotonic()
+        self._resume_reading()
+
+    def time_out_head(self) -> None:
+        """Wake the request waiting for the response head, which then fails with 504."""
+        self.head_timed_out = True
+        self._wake()
 
     def is_usable(self) -> bool:
-        return not self.writer.transport.is_closing() and not self.reader.at_eof() and self.reader.exception() is None
+        transport = self.transport
+        return (
+            transport is not None
+            and not transport.is_closing()
+            and not self.eof
+            and self.error is None
+            and not self._stray
+        )
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def writelines(self, data: tuple[bytes, ...]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(data)
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Hand the transport over to asyncio streams, for a connection upgraded to another protocol."""
+        assert self.transport is not None
+        reader = asyncio.StreamReader(limit=READ_BYTES, loop=self._loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        if self.eof:
+            reader.feed_eof()
+        writer = asyncio.StreamWriter(self.transport, protocol, reader, self._loop)
+        self._resume_reading()
+        return reader, writer
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self.transport.is_closing():
+            self._read_paused = False
+            self.transport.resume_reading()
 
 
 class ConnectionPool:
-    """Idle keep-alive connections to one app, most recently used first."""
+    """Idle connections to one app, most recently used first.
 
-    def __init__(self, upstream: Upstream) -> None:
+    Idle connections are keep-alive connections returned after an exchange,
+    and the spare opened ahead of time for an app that closes connections.
+    """
+
+    def __init__(self, upstream: Upstream, *, preconnect: bool = True) -> None:
         self.upstream = upstream
         self._idle: list[_Connection] = []
         self._closed = False
+        self._preconnect = preconnect
+        # Set once the app has closed a connection after a complete response,
+        # which tells that the next request would need a new connection.
+        self._app_closes_connections = False
+        self._connecting: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
 
     def take(self, max_idle_s: float) -> _Connection | None:
         """Return an idle connection used less than `max_idle_s` ago, closing stale ones."""
@@ -93,74 +322,87 @@ class ConnectionPool:
         return None
 
     async def connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                reader, writer = await asyncio.open_connection(self.upstream.host, self.upstream.port)
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop), self.upstream.host, self.upstream.port
+                )
         except (OSError, TimeoutError) as exc:
             raise UpstreamRefused(
                 f"the app is not accepting connections on port {self.upstream.port}: {exc or 'connect timed out'}",
             ) from exc
-        return _Connection(reader, writer)
+        return connection
 
     def put(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= POOL_MAX_IDLE or not connection.is_usable():
             connection.abort()
             return
-        connection.idle_since = time.monotonic()
+        connection.idle()
         self._idle.append(connection)
+        self._schedule_expiry()
+
+    def discard(self, connection: _Connection, *, closed_by_app: bool) -> None:
+        """Close a connection that cannot be reused.
+
+        `closed_by_app` marks a complete response after which the app did not
+        keep the connection, which turns on preconnecting for this pool.
+        """
+        connection.abort()
+        if closed_by_app:
+            self._app_closes_connections = True
+
+    def open_spare(self) -> None:
+        """Start opening a connection for the next request if this app will need one."""
+        if (
+            not self._preconnect
+            or not self._app_closes_connections
+            or self._closed
+            or self._idle
+            or self._connecting is not None
+        ):
+            return
+        self._connecting = asyncio.get_running_loop().create_task(self._connect_spare())
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when their exchange ends."""
         self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         while self._idle:
             self._idle.pop().abort()
 
-
-@dataclass
-class _Message:
-    """Parser callbacks collect the response here."""
-
-    status: int = 0
-    reason: bytearray = field(default_factory=bytearray)
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    headers_complete: bool = False
-    complete: bool = False
-    upgrade: bool = False
-    keep_alive: bool = False
-    # Bytes after a 101 response head, which belong to the upgraded protocol.
-    upgrade_tail: bytes = b""
-    body: list[bytes] = field(default_factory=list)
-    parser: httptools.HttpResponseParser | None = None
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        assert self.parser is not None
-        self.status = self.parser.get_status_code()
-        if not _is_interim(self.status):
-            self.headers_complete = True
-            # Read here: llhttp resets these flags once the message is complete.
-            self.keep_alive = self.parser.get_http_version() == "1.1" and bool(self.parser.should_keep_alive())
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        if _is_interim(self.status):
-            # 100 Continue or 103 Early Hints: discard it, the real response follows.
-            self.reason.clear()
-            self.headers.clear()
-            self.status = 0
+    async def _connect_spare(self) -> None:
+        try:
+            connection = await self.connect()
+        except UpstreamRefused as exc:
+            # The request that needs a connection next tries on its own and reports the error.
+            log.debug("upstream_preconnect_failed", port=self.upstream.port, error=exc.detail)
             return
-        self.complete = True
+        finally:
+            self._connecting = None
+        self.put(connection)
 
+    def _schedule_expiry(self) -> None:
+        if self._expiry is None and self._idle:
+            oldest = min(connection.idle_since for connection in self._idle)
+            delay = max(0.0, oldest + POOL_IDLE_TIMEOUT_S - time.monotonic())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_idle)
 
-def _is_interim(status: int) -> bool:
-    return 100 <= status < 200 and status != 101
+    def _expire_idle(self) -> None:
+        """Close idle connections past POOL_IDLE_TIMEOUT_S, so no app connection stays open unused."""
+        self._expiry = None
+        deadline = time.monotonic() - POOL_IDLE_TIMEOUT_S
+        fresh = []
+        for connection in self._idle:
+            if connection.idle_since > deadline:
+                fresh.append(connection)
+            else:
+                connection.abort()
+        self._idle = fresh
+        self._schedule_expiry()
 
 
 class UpstreamResponse:
@@ -169,21 +411,19 @@ class UpstreamResponse:
     def __init__(
         self,
         message: _Message,
-        parser: httptools.HttpResponseParser,
         connection: _Connection,
         pool: ConnectionPool,
         sender: asyncio.Task[bool] | None,
         bodyless: bool,
     ) -> None:
         self._message = message
-        self._parser = parser
         self._connection = connection
         self._pool = pool
         self._sender = sender
         self._bodyless = bodyless
         self._released = False
         self.status = message.status
-        self.reason = bytes(message.reason).decode("latin-1")
+        self.reason = message.reason.decode("latin-1")
         self.headers = message.headers
         if bodyless:
             # The parser cannot know the request was HEAD, so it may wait for a body that never comes.
@@ -192,7 +432,8 @@ class UpstreamResponse:
     def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
         """Hand over the connection after a 101 response, with the bytes already read past its head."""
         self._released = True
-        return self._connection.reader, self._connection.writer, self._message.upgrade_tail
+        reader, writer = self._connection.detach()
+        return reader, writer, self._message.upgrade_tail
 
     def framed(self) -> bool:
         """Return True when the body length is known from Content-Length or chunked encoding."""
@@ -206,30 +447,31 @@ class UpstreamResponse:
 
     async def iter_body(self) -> AsyncIterator[bytes]:
         """Yield body chunks as they arrive; raise UpstreamBroken if the app breaks off."""
-        message = self._message
         if self._bodyless:
             return
-        reader = self._connection.reader
+        message = self._message
+        connection = self._connection
         while True:
             if message.body:
-                chunks, message.body = message.body, []
+                chunks = message.body
+                message.body = []
+                message.body_bytes = 0
                 for chunk in chunks:
                     yield chunk
             if message.complete:
                 return
-            try:
-                data = await reader.read(READ_BYTES)
-            except OSError as exc:
-                raise UpstreamBroken(f"the connection to the app failed during the response body: {exc}") from exc
-            if not data:
+            if connection.error is not None:
+                raise connection.error
+            if connection.eof:
+                if connection.lost is not None:
+                    raise UpstreamBroken(
+                        f"the connection to the app failed during the response body: {connection.lost}"
+                    )
                 if self.framed():
                     raise UpstreamBroken("the app closed the connection before the response body was complete")
                 # No framing: the body ends with the connection (HTTP/1.0 style).
                 return
-            try:
-                self._parser.feed_data(data)
-            except httptools.HttpParserError as exc:
-                raise UpstreamBroken(f"the app sent an invalid response body: {exc}") from exc
+            await connection.wait()
 
     def abort(self) -> None:
         """Break off the exchange at once; a pending read or write fails."""
@@ -241,15 +483,21 @@ class UpstreamResponse:
             return
         self._released = True
         sender = self._sender
-        body_sent = sender is None or (sender.done() and not sender.cancelled() and sender.result())
-        if sender is not None and not sender.done():
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender
-        if body_sent and self._message.complete and self._reusable():
-            self._pool.put(self._connection)
-        else:
-            self._connection.abort()
+        body_sent = sender is None or (
+            sender.done() and not sender.cancelled() and sender.exception() is None and sender.result()
+        )
+        message = self._message
+        try:
+            if sender is not None and not sender.done():
+                sender.cancel()
+                with contextlib.suppress(BaseException):
+                    await sender
+        finally:
+            if body_sent and message.complete and self._reusable():
+                self._pool.put(self._connection)
+            else:
+                closed_by_app = body_sent and message.complete and not message.keep_alive
+                self._pool.discard(self._connection, closed_by_app=closed_by_app)
 
     def _reusable(self) -> bool:
         return self._message.keep_alive and not self._message.upgrade and not self._message.body
@@ -277,12 +525,14 @@ async def send_request(
     connection = pool.take(POOL_IDLE_TIMEOUT_S if retryable else UNSAFE_REUSE_IDLE_S)
     head = _request_head(method, target, headers, body is not None, content_length)
     if connection is not None:
+        pool.open_spare()
         try:
             return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s)
         except _ClosedBeforeResponse:
             if not retryable:
                 raise
     connection = await pool.connect()
+    pool.open_spare()
     return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s)
 
 
@@ -297,28 +547,19 @@ async def _exchange(
 ) -> UpstreamResponse:
     chunked = body is not None and content_length is None
     sender: asyncio.Task[bool] | None = None
-    message = _Message()
-    parser = httptools.HttpResponseParser(message)
-    message.parser = parser
+    message = connection.begin()
     try:
-        connection.writer.write(head)
+        connection.write(head)
         if body is not None:
             # The body goes out while the response is awaited, because an app
             # may answer (413, 400) before it has read the whole body.
-            sender = asyncio.create_task(_send_body(connection.writer, body, chunked=chunked))
-        async with asyncio.timeout(response_timeout_s):
-            await _read_head(connection.reader, parser, message, sender)
-    except TimeoutError as exc:
-        await _abandon(connection, sender)
-        raise GatewayTimeout(
-            f"the app did not start its response within {response_timeout_s:g} s (proxy.response_timeout_s)",
-            limit="response_timeout_s",
-        ) from exc
+            sender = asyncio.create_task(_send_body(connection, body, chunked=chunked))
+        await _read_head(connection, message, sender, response_timeout_s)
     except BaseException:
         await _abandon(connection, sender)
         raise
     bodyless = method == "HEAD" or message.status in (204, 304) or message.upgrade
-    return UpstreamResponse(message, parser, connection, pool, sender, bodyless)
+    return UpstreamResponse(message, connection, pool, sender, bodyless)
 
 
 def _request_head(
@@ -335,20 +576,22 @@ def _request_head(
     return b"".join(parts)
 
 
-async def _send_body(writer: asyncio.StreamWriter, body: AsyncIterator[bytes], *, chunked: bool) -> bool:
+async def _send_body(connection: _Connection, body: AsyncIterator[bytes], *, chunked: bool) -> bool:
     """Send the body; return whether all of it was sent."""
     try:
         async for chunk in body:
             if not chunk:
                 continue
+            if connection.transport is None or connection.transport.is_closing():
+                return False
             if chunked:
-                writer.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                connection.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
             else:
-                writer.write(chunk)
-            await writer.drain()
+                connection.write(chunk)
+            await connection.drain()
         if chunked:
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            connection.write(b"0\r\n\r\n")
+            await connection.drain()
     except (ConnectionError, OSError):
         # The app stopped reading; its response, read elsewhere, says why.
         return False
@@ -356,35 +599,37 @@ async def _send_body(writer: asyncio.StreamWriter, body: AsyncIterator[bytes], *
 
 
 async def _read_head(
-    reader: asyncio.StreamReader,
-    parser: httptools.HttpResponseParser,
-    message: _Message,
-    sender: asyncio.Task[bool] | None,
+    connection: _Connection, message: _Message, sender: asyncio.Task[bool] | None, response_timeout_s: float
 ) -> None:
-    received = 0
-    while not message.headers_complete:
-        try:
-            data = await reader.read(READ_BYTES)
-        except OSError as exc:
-            if not received:
-                raise _ClosedBeforeResponse(f"the connection to the app failed before a response: {exc}") from exc
-            raise BadGateway(f"the connection to the app failed during the response head: {exc}") from exc
-        if not data:
-            if not received:
-                raise _ClosedBeforeResponse("the app closed the connection without sending a response")
-            raise BadGateway("the app closed the connection in the middle of the response head")
-        received += len(data)
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            # A 101 upgrade; its head is complete and the rest belongs to the new protocol.
-            message.headers_complete = True
-            message.upgrade = True
-            message.upgrade_tail = data[int(upgrade.args[0]) :]
-        except httptools.HttpParserError as exc:
-            raise BadGateway(f"the app sent an invalid HTTP response: {exc}") from exc
+    """Wait for the response head, for at most `response_timeout_s`."""
+    timer = asyncio.get_running_loop().call_later(response_timeout_s, connection.time_out_head)
+    try:
+        while not message.headers_complete:
+            if connection.error is not None:
+                raise connection.error
+            if connection.head_timed_out:
+                raise GatewayTimeout(
+                    f"the app did not start its response within {response_timeout_s:g} s (proxy.response_timeout_s)",
+                    limit="response_timeout_s",
+                )
+            if connection.eof:
+                raise _closed_before_head(connection)
+            await connection.wait()
+    finally:
+        timer.cancel()
     if sender is not None and sender.done() and not sender.cancelled() and sender.exception() is not None:
         raise BadGateway(f"sending the request body to the app failed: {sender.exception()}")
+
+
+def _closed_before_head(connection: _Connection) -> BadGateway:
+    lost = connection.lost
+    if not connection.received:
+        if lost is not None:
+            return _ClosedBeforeResponse(f"the connection to the app failed before a response: {lost}")
+        return _ClosedBeforeResponse("the app closed the connection without sending a response")
+    if lost is not None:
+        return BadGateway(f"the connection to the app failed during the response head: {lost}")
+    return BadGateway("the app closed the connection in the middle of the response head")
 
 
 async def _abandon(connection: _Connection, sender: asyncio.Task[bool] | None) -> None:

@@ -104,7 +104,7 @@ async def running_proxy(
         deadline=now + timedelta(hours=1),
     )
     await store.insert(job)
-    queues = QueueRegistry(proxy_settings.max_queue_depth)
+    queues = QueueRegistry(proxy_settings.max_queue_depth, preconnect=proxy_settings.preconnect)
     queue = queues.create(job.id, concurrency=concurrency)
     if upstream_port is not None:
         queue.open(Upstream("127.0.0.1", upstream_port))

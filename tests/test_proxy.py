@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from floydd import upstream as upstream_module
 from floydd.errors import JobNotServing
 from tests.proxy_harness import RawUpstream, http_response, raw_exchange, raw_upstream, read_request, running_proxy
 
@@ -45,7 +46,7 @@ def free_port() -> int:
 )
 async def test_upstream_connection_reuse(tmp_path: Path, handler, connections: int) -> None:
     upstream = await raw_upstream(handler)
-    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+    async with running_proxy(tmp_path, upstream.port, preconnect=False) as proxy, aiohttp.ClientSession() as client:
         statuses = []
         for _ in range(5):
             async with client.get(proxy.url + proxy.path("/")) as response:
@@ -53,6 +54,68 @@ async def test_upstream_connection_reuse(tmp_path: Path, handler, connections: i
                 statuses.append(response.status)
     assert statuses == [200] * 5
     assert upstream.connections == connections
+
+
+async def test_preconnect_opens_one_spare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An app that closes connections gets its next connection while a request is in flight."""
+    monkeypatch.setattr(upstream_module, "POOL_IDLE_TIMEOUT_S", 0.3)
+    requests_per_connection: list[int] = []
+    closed_unused = asyncio.Event()
+
+    async def closing_app_counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = len(requests_per_connection)
+        requests_per_connection.append(0)
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            # The spare, closed by floydd after POOL_IDLE_TIMEOUT_S without a request.
+            closed_unused.set()
+            return
+        requests_per_connection[index] += 1
+        writer.write(http_response(b"closed", headers=("Connection: close",)))
+        await writer.drain()
+
+    upstream = await raw_upstream(closing_app_counting)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        for _ in range(5):
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                assert await response.read() == b"closed"
+        # The first response shows floydd that the app closes connections. The
+        # second request opens its own connection and the spare for the third, and so on.
+        async with asyncio.timeout(5):
+            await closed_unused.wait()
+    assert upstream.connections == 6
+    assert sorted(requests_per_connection) == [0, 1, 1, 1, 1, 1]
+
+
+async def test_preconnect_spare_closed_by_app(tmp_path: Path) -> None:
+    """A spare that the app closed unused is never sent a request, so even a POST succeeds."""
+    answered = 0
+
+    async def impatient_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Like a server with a short header timeout: a connection that stays silent is closed.
+        nonlocal answered
+        try:
+            async with asyncio.timeout(0.02):
+                await read_request(reader)
+        except TimeoutError:
+            return
+        answered += 1
+        writer.write(http_response(b"ok", headers=("Connection: close",)))
+        await writer.drain()
+
+    upstream = await raw_upstream(impatient_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        statuses = []
+        for method in ("GET", "POST", "GET", "POST"):
+            async with client.request(method, proxy.url + proxy.path("/"), data=b"x" * (method == "POST")) as response:
+                await response.read()
+                statuses.append(response.status)
+            # Longer than the app's patience, so each spare is closed before the next request.
+            await asyncio.sleep(0.1)
+    assert statuses == [200, 200, 200, 200]
+    assert answered == 4
+    assert upstream.connections > 4
 
 
 async def test_concurrent_clients_closing_app(tmp_path: Path) -> None:

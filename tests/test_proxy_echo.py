@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
+import httptools
 import pytest
 import pytest_asyncio
 
@@ -153,3 +155,142 @@ async def test_metrics_endpoint_lists_job(echo: tuple[Daemon, str]) -> None:
             text = await response.text()
     assert f'floydd_proxy_requests_total{{job_id="{job_id}",status_class="2xx"}}' in text
     assert 'floydd_jobs{state="serving"} 1.0' in text
+
+
+async def fast_path_count(daemon: Daemon) -> float:
+    async with aiohttp.ClientSession() as client, client.get(f"{daemon.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("floydd_proxy_fast_path_requests_total "):
+            return float(line.split()[1])
+    raise AssertionError("floydd_proxy_fast_path_requests_total is missing from /metrics")
+
+
+def parse_responses(data: bytes) -> list[tuple[int, list[tuple[bytes, bytes]], bytes]]:
+    """Split raw bytes into (status, headers, de-chunked body) per response, with httptools."""
+    responses: list[tuple[int, list[tuple[bytes, bytes]], bytes]] = []
+
+    class Collector:
+        headers: list[tuple[bytes, bytes]]
+        body: bytearray
+
+        def on_message_begin(self) -> None:
+            self.headers, self.body = [], bytearray()
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self.headers.append((name.lower(), value))
+
+        def on_body(self, body: bytes) -> None:
+            self.body += body
+
+        def on_message_complete(self) -> None:
+            responses.append((parser.get_status_code(), self.headers, bytes(self.body)))
+
+    parser = httptools.HttpResponseParser(Collector())
+    parser.feed_data(data)
+    return responses
+
+
+# Headers that differ between any two responses.
+PER_RESPONSE_HEADERS = {b"date", b"x-request-id", b"server-timing"}
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["/bytes/1234", "/stream?lines=3&delay=0", "/cookies", "/gzip", "/status/204", "/status/404", "/print?msg=hi"],
+)
+async def test_fast_path_matches_aiohttp(echo: tuple[Daemon, str], tail: str) -> None:
+    """A request that floydd parses itself gets the same response as one that aiohttp handles."""
+    daemon, endpoint = echo
+    request = f"GET {path_of(endpoint)}{tail} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    before = await fast_path_count(daemon)
+    fast = parse_responses(await raw(endpoint, (request + "\r\n").encode()))
+    # An Authorization header that is not a floydd token passes to the app, through aiohttp's parser.
+    slow = parse_responses(await raw(endpoint, (request + "Authorization: Basic dTpw\r\n\r\n").encode()))
+    after = await fast_path_count(daemon)
+    assert after - before == 1
+    assert len(fast) == len(slow) == 1
+    (fast_status, fast_headers, fast_body), (slow_status, slow_headers, slow_body) = fast[0], slow[0]
+    assert fast_status == slow_status
+    assert fast_body == slow_body
+    assert sorted(h for h in fast_headers if h[0] not in PER_RESPONSE_HEADERS) == sorted(
+        h for h in slow_headers if h[0] not in PER_RESPONSE_HEADERS
+    )
+    for name in PER_RESPONSE_HEADERS:
+        assert [h for h in fast_headers if h[0] == name], f"{name!r} missing from the fast path's response"
+
+
+async def test_connection_switches_to_aiohttp(echo: tuple[Daemon, str]) -> None:
+    """A keep-alive connection serves a GET itself, then hands a POST and what follows to aiohttp."""
+    daemon, endpoint = echo
+    path = path_of(endpoint)
+    requests = (
+        f"GET {path}/first HTTP/1.1\r\nHost: t\r\n\r\n"
+        f"POST {path}/second HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"
+        f"GET {path}/third HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    before = await fast_path_count(daemon)
+    responses = parse_responses(await raw(endpoint, requests.encode()))
+    after = await fast_path_count(daemon)
+    assert [status for status, _, _ in responses] == [200, 200, 200]
+    echoed = [json.loads(body) for _, _, body in responses]
+    assert [item["uri"] for item in echoed] == ["/first", "/second", "/third"]
+    assert echoed[1]["body_length"] == 5
+    # Pipelined: the POST arrives while the first GET is in flight, so only the GET takes the fast path.
+    assert after - before == 1
+
+
+async def test_fast_path_pipelined_in_order(echo: tuple[Daemon, str]) -> None:
+    daemon, endpoint = echo
+    path = path_of(endpoint)
+    requests = "".join(f"GET {path}/p{index} HTTP/1.1\r\nHost: t\r\n\r\n" for index in range(4))
+    requests += f"GET {path}/p4 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    before = await fast_path_count(daemon)
+    responses = parse_responses(await raw(endpoint, requests.encode()))
+    after = await fast_path_count(daemon)
+    assert [json.loads(body)["uri"] for _, _, body in responses] == [f"/p{index}" for index in range(5)]
+    assert after - before == 5
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    ["Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZQ==",
+     "Connection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA"],
+    ids=["websocket", "h2c"],
+)
+async def test_upgrade_request_goes_to_aiohttp(echo: tuple[Daemon, str], upgrade: str) -> None:
+    """An upgrade request to a public job is handed to aiohttp, which passes on the app's refusal."""
+    daemon, endpoint = echo
+    before = await fast_path_count(daemon)
+    data = await raw(endpoint, f"GET {path_of(endpoint)}/ws HTTP/1.1\r\nHost: t\r\n{upgrade}\r\n\r\n".encode())
+    after = await fast_path_count(daemon)
+    responses = parse_responses(data)
+    assert len(responses) == 1
+    status, headers, _ = responses[0]
+    # The app does not switch protocols, and its own response comes back.
+    assert status < 500
+    assert [value for name, value in headers if name == b"server" and value.startswith(b"Werkzeug/")]
+    assert [value for name, value in headers if name == b"x-request-id"]
+    assert after == before
+
+
+async def test_fast_path_streams_response(echo: tuple[Daemon, str]) -> None:
+    """A chunked response reaches the client as the app writes it, not once it is complete."""
+    _, endpoint = echo
+    address = endpoint.removeprefix("http://").split("/", 1)[0]
+    host, port = address.split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET {path_of(endpoint)}/stream?lines=3&delay=0.5 HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    await writer.drain()
+    received = b""
+    async with asyncio.timeout(30):
+        while b"line 0" not in received:
+            received += await reader.read(65536)
+    first_read_done = received
+    async with asyncio.timeout(30):
+        while not received.endswith(b"0\r\n\r\n"):
+            received += await reader.read(65536)
+    writer.close()
+    # The app sleeps 0.5 s between lines, so the first line arrives while the rest is still being written.
+    assert b"line 2" not in first_read_done
+    assert b"line 2" in received

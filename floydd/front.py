@@ -1,0 +1,589 @@
+"""The protocol on floydd's listening socket: a fast path for plain `/expose` requests, aiohttp for the rest.
+
+Every connection starts here. `FrontConnection` itself parses, queues and
+relays a bodyless HTTP/1.1 request to a public serve job that needs nothing
+of aiohttp's handling. It parses the head with httptools and sends the app's
+response as raw bytes, in one write when the response is small. Such
+requests are what a model endpoint mostly serves, and aiohttp's request and
+response objects cost more CPU per request than the rest of the proxy
+(docs/benchmarks.md has the measurements).
+
+Any other request (the API, uploads, request bodies, WebSockets, `Expect`,
+`Authorization`, private jobs, unknown jobs, HTTP/1.0, oversized or
+malformed heads) makes the connection switch to aiohttp for good: the bytes
+read so far go to a fresh aiohttp RequestHandler, which parses them as if it
+had accepted the connection. Both paths produce the same response contract
+(docs/proxy.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import http
+import json
+import socket
+import time
+from typing import cast
+
+import httptools
+import structlog
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from floydd.app import METRICS, PROXY, QUEUES
+from floydd.config import ServerSettings
+from floydd.errors import BadGateway, FloyddError
+from floydd.flow import WriteFlowControl
+from floydd.metrics import ProxyMetrics
+from floydd.proxy import (
+    HOP_BY_HOP,
+    Proxy,
+    connection_tokens,
+    log_aborted,
+    new_request_id,
+    server_timing,
+    upstream_headers,
+)
+from floydd.queue import QueueRegistry
+from floydd.upstream import UpstreamResponse
+
+log = structlog.get_logger(__name__)
+
+EXPOSE_PREFIX = b"/expose/"
+# A request head with any of these headers needs aiohttp's handling.
+SLOW_PATH_HEADERS = frozenset({b"authorization", b"content-length", b"transfer-encoding", b"expect", b"upgrade"})
+# A longer request head goes to aiohttp, which applies server.max_request_line_bytes,
+# max_header_bytes and max_headers and responds with 400 or 431 as soon as one is exceeded.
+FAST_HEAD_BYTES = 8 * 1024
+# A response with a Content-Length up to this goes out in one write, head and body together.
+COALESCE_BYTES = 64 * 1024
+# Pipelined bytes kept while a request is in flight. Past this, floydd stops reading from the client.
+PIPELINE_BUFFER_BYTES = 64 * 1024
+
+
+class FrontServer:
+    """The protocol factory for the listening socket, which tracks its connections for shutdown."""
+
+    def __init__(
+        self,
+        aiohttp_server: web.Server,
+        proxy: Proxy,
+        queues: QueueRegistry,
+        metrics: ProxyMetrics,
+        settings: ServerSettings,
+    ) -> None:
+        self.aiohttp_server = aiohttp_server
+        self.proxy = proxy
+        self.queues = queues
+        self.metrics = metrics
+        self.settings = settings
+        self.connections: set[FrontConnection] = set()
+        self._closing = False
+
+    def __call__(self) -> FrontConnection:
+        return FrontConnection(self)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Close idle connections at once and the others after their request, waiting up to `timeout_s`.
+
+        Connections handed to aiohttp are closed by aiohttp's server in the
+        same window, so stopping takes at most `timeout_s` for both.
+        """
+        self._closing = True
+        self.aiohttp_server.pre_shutdown()
+        busy = []
+        for connection in list(self.connections):
+            task = connection.close_when_idle()
+            if task is not None:
+                busy.append(task)
+        fast_path = asyncio.wait(busy, timeout=timeout_s) if busy else asyncio.sleep(0)
+        await asyncio.gather(fast_path, self.aiohttp_server.shutdown(timeout_s))
+        for connection in list(self.connections):
+            connection.abort_if_busy()
+
+
+def build_front(runner: web.AppRunner, settings: ServerSettings) -> FrontServer:
+    """Return the front for an aiohttp runner set up over floydd's app (floydd.app.build_app)."""
+    server = runner.server
+    assert server is not None, "runner.setup() must run first"
+    app = runner.app
+    return FrontServer(server, app[PROXY], app[QUEUES], app[METRICS], settings)
+
+
+class FastRequest:
+    """A bodyless request head parsed by httptools, with what the fast path needs from it."""
+
+    __slots__ = ("method", "url", "headers", "host", "request_id", "complete", "version", "keep_alive", "parser")
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.method = ""
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host = b""
+        self.request_id = b""
+        self.complete = False
+        self.version = ""
+        self.keep_alive = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        # Read here: llhttp resets these once the message is complete.
+        assert self.parser is not None
+        self.version = self.parser.get_http_version()
+        self.keep_alive = bool(self.parser.should_keep_alive())
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection: fast-path requests one at a time, until it switches to aiohttp."""
+
+    def __init__(self, server: FrontServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._task: asyncio.Task[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._flow = WriteFlowControl()
+        self._read_paused = False
+        self._close_when_idle = False
+        # Whether a byte of the current request's response has been written.
+        self._response_started = False
+        self.peer = b""
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.peer = str(peername[0]).encode("latin-1")
+        self._start_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        if self._task is None:
+            self._next_request()
+        elif len(self._buffer) > PIPELINE_BUFFER_BYTES and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._cancel_idle_timer()
+        if self._task is not None:
+            # Like aiohttp's handler_cancellation: the request leaves the queue or breaks off the app's exchange.
+            self._task.cancel()
+        self._flow.fail_drain(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._flow.resume_writing()
+
+    # Used by the fast-path relay
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection closes after the response in flight."""
+        return self._close_when_idle or self._server.closing
+
+    def write(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        self._response_started = True
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        await self._flow.wait_writable()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def abort_if_busy(self) -> None:
+        """Abort a connection whose request is still in flight; an idle one may still be sending its last response."""
+        if self._task is not None:
+            self.abort()
+
+    def close_when_idle(self) -> asyncio.Task[None] | None:
+        """Close the connection now if no request is in flight, else after it; return the request's task."""
+        if self._task is None:
+            if self._transport is not None:
+                self._transport.close()
+            return None
+        self._close_when_idle = True
+        return self._task
+
+    # Requests
+
+    def _next_request(self) -> None:
+        buffer = self._buffer
+        if not buffer:
+            return
+        if self._server.closing:
+            # Like aiohttp's idle connections at shutdown: a request not yet started is not served.
+            if self._transport is not None:
+                self._transport.close()
+            return
+        end = buffer.find(b"\r\n\r\n", 0, FAST_HEAD_BYTES)
+        if end < 0:
+            # Wait for the rest of the head, unless it is too long for the fast path or uses bare LF line ends.
+            if len(buffer) >= FAST_HEAD_BYTES or b"\n\n" in buffer:
+                self._hand_off()
+            return
+        head = bytes(buffer[: end + 4])
+        request = self._parse(head)
+        if request is None:
+            self._hand_off()
+            return
+        del buffer[: end + 4]
+        self._cancel_idle_timer()
+        self._response_started = False
+        self._task = self._loop.create_task(self._serve(request))
+
+    def _parse(self, head: bytes) -> FastRequest | None:
+        """Return the request if the fast path may serve it, or None to hand the connection to aiohttp."""
+        if not head.startswith((b"GET ", b"HEAD ", b"DELETE ", b"OPTIONS ")):
+            return None
+        request = FastRequest()
+        parser = request.parser
+        assert parser is not None
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # HttpParserUpgrade is not an HttpParserError (httptools 0.9): a WebSocket or h2c upgrade request.
+            return None
+        # The parser refers to the request and the request to the parser; break the cycle.
+        request.parser = None
+        if not request.complete or request.version != "1.1":
+            return None
+        settings = self._server.settings
+        if len(request.url) > settings.max_request_line_bytes or len(request.headers) > settings.max_headers:
+            return None
+        for name, value in request.headers:
+            lowered = name.lower()
+            if lowered in SLOW_PATH_HEADERS or len(name) + len(value) + 2 > settings.max_header_bytes:
+                return None
+            if lowered == b"host":
+                if request.host:
+                    # Two Host headers: RFC 9112 section 3.2 requires a 400, which aiohttp sends.
+                    return None
+                request.host = value
+            elif lowered == b"x-request-id" and not request.request_id:
+                request.request_id = value
+        request.method = parser.get_method().decode("ascii")
+        if not request.host or not self._routable(request.url):
+            return None
+        return request
+
+    def _routable(self, url: bytes) -> bool:
+        """Return True for `/expose/<id>[/...]` of a public serve job that has a queue."""
+        if not url.startswith(EXPOSE_PREFIX) or b"%" in url or b"#" in url:
+            return False
+        queue = self._server.queues.get(_job_id(url))
+        return queue is not None and queue.public
+
+    async def _serve(self, request: FastRequest) -> None:
+        try:
+            await serve_fast(self._server, self, request)
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The client left; the exchange has been broken off.
+            return
+        except Exception:
+            log.exception("proxy_request_crashed", path=request.url.decode("latin-1"), method=request.method)
+            self._fail_internal(request)
+            return
+        finally:
+            self._task = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        if self._close_when_idle or not request.keep_alive:
+            self._transport.close()
+            return
+        self._start_idle_timer()
+        if self._read_paused:
+            self._read_paused = False
+            self._transport.resume_reading()
+        self._next_request()
+
+    def _fail_internal(self, request: FastRequest) -> None:
+        """Send a 500 and close, or abort a connection whose response has started: the one way to end it cleanly."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._response_started:
+            transport.abort()
+            return
+        error = FloyddError("internal error; see the daemon's log")
+        transport.write(error_response(error, new_request_id(), head_only=request.method == "HEAD", close=True))
+        transport.close()
+
+    def _hand_off(self) -> None:
+        """Give the connection, with every byte read and not yet served, to a new aiohttp RequestHandler."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._cancel_idle_timer()
+        self._server.connections.discard(self)
+        handler = self._server.aiohttp_server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        pending = bytes(self._buffer)
+        self._buffer.clear()
+        self._transport = None
+        if pending:
+            handler.data_received(pending)
+
+    def _start_idle_timer(self) -> None:
+        # aiohttp's keep-alive timeout, which it also applies to a connection whose first head has not arrived.
+        self._cancel_idle_timer()
+        self._idle_timer = self._loop.call_later(self._server.settings.keepalive_timeout_s, self._close_idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_idle(self) -> None:
+        self._idle_timer = None
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+
+def _job_id(url: bytes) -> str:
+    rest = url[len(EXPOSE_PREFIX) :]
+    for separator in (b"/", b"?"):
+        index = rest.find(separator)
+        if index >= 0:
+            rest = rest[:index]
+    return rest.decode("latin-1")
+
+
+def _upstream_target(url: bytes, job_id: str) -> bytes:
+    """Return the target for the app: what follows `/expose/<id>`, query included, starting with `/`."""
+    rest = url[len(EXPOSE_PREFIX) + len(job_id) :]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
+async def serve_fast(server: FrontServer, client: FrontConnection, request: FastRequest) -> None:
+    """Queue a fast-path request, relay the app's response, or send floydd's JSON error."""
+    job_id = _job_id(request.url)
+    request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
+    queue = server.queues.get(job_id)
+    proxy = server.proxy
+    server.metrics.fast_path()
+    status = 0
+    try:
+        if queue is None:
+            raise await proxy.not_serving(job_id)
+        # Built before the request waits, so that its turn starts with the write to the app.
+        headers = upstream_headers(
+            request.headers,
+            peer=client.peer,
+            host=request.host,
+            scheme=b"http",
+            job_id=job_id,
+            request_id=request_id,
+        )
+        target = _upstream_target(request.url, job_id)
+        relay = _FastRelay(client, request, job_id, request_id)
+        admission = await queue.admit(proxy.settings.queue_timeout_s)
+        try:
+            server.metrics.admitted(job_id, admission.queued_s)
+            await proxy.exchange(relay, admission, job_id, request.method, target, headers, None, None)
+            status = relay.status
+        finally:
+            queue.release(admission)
+    except FloyddError as exc:
+        proxy.log_failure(exc, job_id, request_id)
+        client.write(error_response(exc, request_id, head_only=request.method == "HEAD", close=not request.keep_alive))
+        status = exc.status
+        if queue is not None:
+            server.metrics.rejected(job_id, exc)
+        else:
+            server.metrics.unrouted(exc)
+    if queue is not None and status:
+        server.metrics.answered(job_id, status)
+
+
+class _FastRelay:
+    """The relay of a fast-path request: writes the response head and body as raw bytes."""
+
+    def __init__(self, client: FrontConnection, request: FastRequest, job_id: str, request_id: str) -> None:
+        self._client = client
+        self._request = request
+        self._job_id = job_id
+        self.request_id = request_id
+        self.status = 0
+        self.timed_out = False
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def time_out(self, task: asyncio.Task[object]) -> None:
+        self.timed_out = True
+        task.cancel()
+
+    async def send(self, upstream: UpstreamResponse, queued_s: float, app_s: float) -> None:
+        request = self._request
+        client = self._client
+        timing = server_timing(queued_s, app_s)
+        close = client.closing or not request.keep_alive
+        head, framing, length = response_head(upstream, request.method, self.request_id, timing, close=close)
+        self.status = upstream.status
+        if framing == "empty" or (framing == "length" and length is not None and length <= COALESCE_BYTES):
+            # A small body of known length: the whole response goes out in one write once it has arrived.
+            body = [chunk async for chunk in upstream.iter_body()]
+            self._started = True
+            client.write(b"".join([head, *body]))
+            await client.drain()
+            return
+        # Anything else streams as the app writes it, like a server-sent event stream.
+        self._started = True
+        client.write(head)
+        chunked = framing == "chunked"
+        async for chunk in upstream.iter_body():
+            if not chunk:
+                continue
+            client.write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")) if chunked else chunk)
+            await client.drain()
+        if chunked:
+            client.write(b"0\r\n\r\n")
+        await client.drain()
+
+    def fail(self, error: FloyddError) -> None:
+        if not self._started:
+            raise error
+        log_aborted(self._job_id, self.request_id, error)
+        self._client.abort()
+
+
+def response_head(
+    upstream: UpstreamResponse, method: str, request_id: str, timing: str, *, close: bool
+) -> tuple[bytes, str, int | None]:
+    """Return the head sent to the client, its framing ("length", "chunked" or "empty") and its Content-Length.
+
+    It keeps what aiohttp would send for the same response, so both paths
+    look alike: the app's end-to-end headers in order, plus `Date`, `Server`
+    and a default `Content-Type` when the app sent none.
+    """
+    status = upstream.status
+    reason = upstream.reason or _reason_phrase(status)
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    named: set[bytes] = set()
+    content_length: bytes | None = None
+    has_date = has_server = has_content_type = False
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in upstream.headers:
+        lowered = name.lower()
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise BadGateway(f"the app sent an invalid value for the response header {name.decode('latin-1')!r}")
+        if lowered == b"content-length":
+            content_length = b"%d" % int(value)
+        elif lowered in HOP_BY_HOP:
+            if lowered == b"connection":
+                named.update(connection_tokens(value))
+        else:
+            kept.append((name, value))
+            has_date = has_date or lowered == b"date"
+            has_server = has_server or lowered == b"server"
+            has_content_type = has_content_type or lowered == b"content-type"
+    for name, value in kept:
+        if not named or name.lower() not in named:
+            lines += (name, b": ", value, b"\r\n")
+    empty = method == "HEAD" or status in (204, 304) or status < 200
+    if empty:
+        framing = "empty"
+        if content_length is not None and status not in (204,) and status >= 200:
+            lines += (b"Content-Length: ", content_length, b"\r\n")
+    elif content_length is not None:
+        framing = "length"
+        lines += (b"Content-Length: ", content_length, b"\r\n")
+    else:
+        framing = "chunked"
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if not empty and content_length != b"0" and not has_content_type:
+        lines.append(b"Content-Type: application/octet-stream\r\n")
+    if not has_date:
+        lines += (b"Date: ", http_date().encode("latin-1"), b"\r\n")
+    if not has_server:
+        lines += (b"Server: ", SERVER_SOFTWARE.encode("latin-1"), b"\r\n")
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines += (b"X-Request-ID: ", request_id.encode("latin-1"), b"\r\n")
+    lines += (b"Server-Timing: ", timing.encode("latin-1"), b"\r\n\r\n")
+    return b"".join(lines), framing, int(content_length) if content_length is not None else None
+
+
+def error_response(error: FloyddError, request_id: str, *, head_only: bool, close: bool) -> bytes:
+    """Return floydd's JSON error response, as the aiohttp path sends it."""
+    body = json.dumps(error.to_json()).encode()
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (error.status, _reason_phrase(error.status).encode("latin-1")),
+        b"Content-Type: application/json; charset=utf-8\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+    ]
+    for name, value in error.headers.items():
+        lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines += (
+        b"Date: ",
+        http_date().encode("latin-1"),
+        b"\r\nServer: ",
+        SERVER_SOFTWARE.encode("latin-1"),
+        b"\r\nX-Request-ID: ",
+        request_id.encode("latin-1"),
+        b"\r\n\r\n",
+    )
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def _reason_phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+_date_second = 0
+_date_text = ""
+
+
+def http_date() -> str:
+    """Return the current time as an HTTP date, formatted once per second."""
+    global _date_second, _date_text
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_text = email.utils.formatdate(now, usegmt=True)
+    return _date_text
