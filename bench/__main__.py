@@ -34,7 +34,7 @@ from bench.scenarios import (
     measure_idle_jobs,
     measure_large_bodies,
 )
-from bench.services import LOOPBACK, REPO, Floydd, HAProxy, bench_app_archive, published_port
+from bench.services import LOOPBACK, REPO, Floydd, HAProxy, ReferenceServer, bench_app_archive, published_port
 from floydd.config import Settings
 
 T = TypeVar("T")
@@ -98,6 +98,7 @@ class Bench:
         self.notes: list[str] = []
         self.floydd = Floydd(self.results_dir, env={"FLOYDD_PROXY_MAX_QUEUE_DEPTH": str(max(100, args.crowd_clients))})
         self.haproxy: HAProxy | None = None
+        self.references: dict[str, ReferenceServer] = {}
         self.job_id = ""
         self.app_port = 0
 
@@ -126,6 +127,12 @@ class Bench:
             self.haproxy = HAProxy(self.app_port, self.results_dir)
             await self.haproxy.start()
             say(f"job {self.job_id} on 127.0.0.1:{self.app_port}, HAProxy on 127.0.0.1:{self.haproxy.port}")
+            self.references = {
+                "lean proxy": ReferenceServer("lean-proxy", self.results_dir, app_port=self.app_port),
+                "aiohttp alone": ReferenceServer("aiohttp-hello", self.results_dir),
+            }
+            for reference in self.references.values():
+                await reference.start()
 
             summaries = await self.compare_paths()
             profiles = await self.attempt("profile", self.profile) or {}
@@ -153,22 +160,27 @@ class Bench:
             notes=self.notes,
         )
 
-    def paths(self) -> dict[str, tuple[str, int | None]]:
+    def paths(self, connections: int) -> dict[str, tuple[str, int | None]]:
+        """Return the URL and the pid to measure of each path; the reference servers only at one client."""
         assert self.haproxy is not None
-        return {
+        paths: dict[str, tuple[str, int | None]] = {
             "direct": (f"http://{LOOPBACK}:{self.app_port}/hello", None),
             "HAProxy": (f"http://{LOOPBACK}:{self.haproxy.port}/hello", self.haproxy.pid),
             "floydd": (self.floydd.expose_url(self.job_id, "/hello"), self.floydd.pid),
         }
+        if connections == 1:
+            for name, reference in self.references.items():
+                paths[name] = (f"http://{LOOPBACK}:{reference.port}/hello", reference.pid)
+        return paths
 
     async def compare_paths(self) -> list[Summary]:
-        paths = self.paths()
         # One short unmeasured pass warms up every path: connections, imports, caches.
-        for name, (url, _pid) in paths.items():
+        for name, (url, _pid) in self.paths(1).items():
             await run_wrk(url, 8, 1, path=name)
         summaries: list[Summary] = []
-        names = list(paths)
         for connections in self.args.clients:
+            paths = self.paths(connections)
+            names = list(paths)
             by_path = {name: Summary(name, connections) for name in names}
             for round_index in range(self.args.rounds):
                 shift = round_index % len(names)
@@ -177,7 +189,7 @@ class Bench:
                     result = await run_wrk(url, connections, self.args.round_seconds, path=name, cpu_pid=pid)
                     by_path[name].rounds.append(result)
                     say(_describe(result))
-            summaries += [by_path[name] for name in ("direct", "HAProxy", "floydd")]
+            summaries += by_path.values()
         return summaries
 
     async def profile(self) -> dict[int, FloyddProfile]:
@@ -245,6 +257,8 @@ class Bench:
         return idle
 
     async def close(self) -> None:
+        for reference in self.references.values():
+            await reference.stop()
         if self.haproxy is not None:
             await self.haproxy.stop()
         await self.floydd.stop()
@@ -256,7 +270,7 @@ class Bench:
 def _describe(result: Round) -> str:
     cpu = result.proxy_cpu_us_per_request
     return (
-        f"{result.path:>8} c={result.connections:<3} {result.requests_per_s:8.0f} req/s "
+        f"{result.path:>13} c={result.connections:<3} {result.requests_per_s:8.0f} req/s "
         f"p50 {result.p50_ms:7.2f} ms p99 {result.p99_ms:7.2f} ms errors {result.errors}"
         + (f" proxy CPU {cpu:.0f} µs/req" if cpu is not None else "")
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import cpu_seconds
+from bench.procstat import cpu_times
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
 WRK_MARKER = "WRK_JSON "
@@ -26,8 +26,12 @@ class Round:
     p50_ms: float
     p99_ms: float
     errors: int
-    # CPU seconds of the process in front of the app (floydd or HAProxy) per request, if one was measured.
+    # CPU time of the process in front of the app (floydd, HAProxy or a
+    # reference server) per request, in µs, if one was measured: in all, in
+    # user space, and in the kernel.
     proxy_cpu_us_per_request: float | None = None
+    proxy_user_us_per_request: float | None = None
+    proxy_system_us_per_request: float | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -60,18 +64,22 @@ async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "30s",
         "-s", str(WRK_SCRIPT), url,
     ]  # fmt: skip
-    cpu_before = cpu_seconds(cpu_pid) if cpu_pid else 0.0
+    cpu_before = cpu_times(cpu_pid) if cpu_pid else (0.0, 0.0)
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     async with asyncio.timeout(duration_s + 60):
         output, _ = await process.communicate()
-    cpu_used = cpu_seconds(cpu_pid) - cpu_before if cpu_pid else None
+    cpu_after = cpu_times(cpu_pid) if cpu_pid else None
     text = output.decode(errors="replace")
     report = _parse_report(text, command)
 
     requests = int(report["requests"])
     errors = sum(int(count) for count in report["errors"].values())
+    user_us = system_us = None
+    if cpu_after is not None and requests:
+        user_us = (cpu_after[0] - cpu_before[0]) / requests * 1e6
+        system_us = (cpu_after[1] - cpu_before[1]) / requests * 1e6
     return Round(
         path=path,
         connections=connections,
@@ -80,7 +88,9 @@ async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_
         p50_ms=report["latency_us"]["p50"] / 1000,
         p99_ms=report["latency_us"]["p99"] / 1000,
         errors=errors,
-        proxy_cpu_us_per_request=(cpu_used / requests * 1e6) if cpu_used is not None and requests else None,
+        proxy_cpu_us_per_request=user_us + system_us if user_us is not None and system_us is not None else None,
+        proxy_user_us_per_request=user_us,
+        proxy_system_us_per_request=system_us,
     )
 
 

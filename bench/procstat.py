@@ -20,12 +20,17 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
-    """Return user plus system CPU time of the process, threads included."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """Return the user and the system CPU seconds of the process, threads included."""
     # The command name in field 2 may contain spaces, so split after its closing bracket.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime = int(fields[11]), int(fields[12])
-    return (utime + stime) / CLOCK_TICKS
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """Return user plus system CPU time of the process, threads included."""
+    user, system = cpu_times(pid)
+    return user + system
 
 
 def open_fds(pid: int) -> int:

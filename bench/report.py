@@ -109,10 +109,18 @@ Load comes from wrk (closed loop, keep-alive connections, at most two
 threads). For each concurrency, every round runs each path once, and the
 order of the paths rotates from round to round, so drift on a shared machine
 falls on every path alike. Tables show the median over the rounds. "Proxy CPU"
-is the CPU time (user plus system, from `/proc/<pid>/stat`) that floydd or
-HAProxy spent during the round, divided by the requests served. With one
-client nothing waits in a queue, so the floydd/direct ratio at one client is
-the cost of the proxy alone.
+is the CPU time that floydd or HAProxy spent during the round, divided by the
+requests served, with its user and system parts (from `/proc/<pid>/stat`,
+so in steps of 10 ms per round). With one client nothing waits in a queue,
+so the floydd/direct ratio at one client is the cost of the proxy alone.
+
+At one client the rotation also includes two reference servers from
+`bench/reference.py`, each its own process: **lean proxy**, the smallest
+proxy built from floydd's parts (an asyncio Protocol with httptools in front
+of floydd's upstream client, one request at a time, no other feature), and
+**aiohttp alone**, aiohttp answering `/hello` itself. The first bounds what
+a Python proxy reaches on this machine, and the second is aiohttp's own
+cost per request.
 
 The other measurements use the same daemon and job:
 
@@ -124,7 +132,7 @@ The other measurements use the same daemon and job:
   status code or the error that ended it. The queue depth is raised with
   `FLOYDD_PROXY_MAX_QUEUE_DEPTH`, and the open-file limit of the harness and
   the daemon is raised with `setrlimit`. All clients connect in the same
-  instant, so the daemon's listen backlog (`listen(1024)` in floydd/cli.py,
+  instant, so the daemon's listen backlog (`listen(65535)` in floydd/cli.py,
   capped by `net.core.somaxconn`) overflows: the kernel drops the handshakes
   it has no room for and TCP retransmits them seconds later. This causes the
   gap between the 99 % and the last finish time, and any connection resets.
@@ -183,19 +191,20 @@ def render(results: Results) -> str:
     return "\n".join(lines)
 
 
+MEASURED_PATHS = ("direct", "HAProxy", "floydd")
+REFERENCE_PATHS = ("lean proxy", "aiohttp alone")
+
+
 def _render_paths(summaries: list[Summary]) -> list[str]:
     lines = [
         "## Requests through each path (`GET /hello`)",
         "",
-        "| clients | path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | errors | rounds |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | user | system | errors | rounds |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for summary in summaries:
-        lines.append(
-            f"| {summary.connections} | {summary.path} | {_fmt(summary.median('requests_per_s'), 0)} "
-            f"| {_fmt(summary.median('p50_ms'), 2)} | {_fmt(summary.median('p99_ms'), 2)} "
-            f"| {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} | {summary.errors} | {len(summary.rounds)} |"
-        )
+        if summary.path in MEASURED_PATHS:
+            lines.append(_path_row(summary))
     lines += [
         "",
         "| clients | floydd/HAProxy requests/s | floydd/direct requests/s | floydd/HAProxy p99 |",
@@ -203,14 +212,59 @@ def _render_paths(summaries: list[Summary]) -> list[str]:
     ]
     by_key = {(summary.connections, summary.path): summary for summary in summaries}
     for connections in sorted({summary.connections for summary in summaries}):
-        floydd, haproxy, direct = (by_key.get((connections, path)) for path in ("floydd", "HAProxy", "direct"))
+        floydd, haproxy, direct = (by_key.get((connections, path)) for path in MEASURED_PATHS[::-1])
         if floydd is None or haproxy is None or direct is None:
             continue
         lines.append(
             f"| {connections} | {_ratio(floydd, haproxy, 'requests_per_s')} "
             f"| {_ratio(floydd, direct, 'requests_per_s')} | {_ratio(floydd, haproxy, 'p99_ms')} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    lines += _render_references(by_key)
+    return lines
+
+
+def _path_row(summary: Summary) -> str:
+    return (
+        f"| {summary.connections} | {summary.path} | {_fmt(summary.median('requests_per_s'), 0)} "
+        f"| {_fmt(summary.median('p50_ms'), 2)} | {_fmt(summary.median('p99_ms'), 2)} "
+        f"| {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} "
+        f"| {_fmt(summary.median('proxy_user_us_per_request'), 0)} "
+        f"| {_fmt(summary.median('proxy_system_us_per_request'), 0)} | {summary.errors} | {len(summary.rounds)} |"
+    )
+
+
+def _render_references(by_key: dict[tuple[int, str], Summary]) -> list[str]:
+    """Render the one-client rounds of the reference servers beside HAProxy and floydd."""
+    rows = [by_key.get((1, path)) for path in ("HAProxy", "floydd", *REFERENCE_PATHS)]
+    present = [row for row in rows if row is not None]
+    lean = by_key.get((1, "lean proxy"))
+    if lean is None:
+        return []
+    lines = [
+        "## What one proxied request costs in Python",
+        "",
+        "The reference servers of `bench/reference.py` ran in the same rounds at one client.",
+        "**lean proxy** is the smallest proxy built from floydd's parts: an asyncio Protocol",
+        "with httptools in front of floydd's own upstream client, with none of floydd's",
+        "features. **aiohttp alone** is aiohttp answering `/hello` itself, without an app behind it.",
+        "",
+        "| clients | path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | user | system | errors | rounds |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        *[_path_row(summary) for summary in present],
+        "",
+    ]
+    haproxy, floydd, direct = (by_key.get((1, path)) for path in ("HAProxy", "floydd", "direct"))
+    if haproxy is not None and floydd is not None and direct is not None:
+        lines += [
+            "| at one client | requests/s ratio |",
+            "| --- | ---: |",
+            f"| lean proxy / HAProxy | {_ratio(lean, haproxy, 'requests_per_s')} |",
+            f"| lean proxy / direct | {_ratio(lean, direct, 'requests_per_s')} |",
+            f"| floydd / lean proxy | {_ratio(floydd, lean, 'requests_per_s')} |",
+            "",
+        ]
+    return lines
 
 
 def _ratio(numerator: Summary, denominator: Summary, attribute: str) -> str:

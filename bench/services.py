@@ -1,4 +1,4 @@
-"""The servers under test: a real floydd daemon, its serve jobs, and HAProxy 2.6 in front of one job."""
+"""The servers under test: a floydd daemon and its serve jobs, HAProxy 2.6, and the reference servers."""
 
 from __future__ import annotations
 
@@ -271,6 +271,40 @@ class HAProxy:
             await wait_for_port(self.port, timeout_s=10)
         except BenchError:
             raise BenchError(f"HAProxy did not start; see {self.results_dir / 'haproxy.log'}") from None
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+
+@dataclass
+class ReferenceServer:
+    """One of the servers in bench/reference.py, run as its own process so its CPU time can be read."""
+
+    kind: str
+    results_dir: Path
+    app_port: int | None = None
+    port: int = 0
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def start(self) -> None:
+        self.port = free_port()
+        arguments = [self.kind, str(self.port)] + ([str(self.app_port)] if self.app_port is not None else [])
+        log = (self.results_dir / f"{self.kind}.log").open("wb")
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.reference", *arguments, stdout=log, stderr=log, cwd=REPO
+        )
+        log.close()
+        try:
+            await wait_for_port(self.port, timeout_s=10)
+        except BenchError:
+            raise BenchError(f"{self.kind} did not start; see {self.results_dir / f'{self.kind}.log'}") from None
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
