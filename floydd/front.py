@@ -33,7 +33,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from floydd.app import METRICS, PROXY, QUEUES
 from floydd.config import ServerSettings
-from floydd.errors import BadGateway, FloyddError
+from floydd.errors import FloyddError
 from floydd.flow import WriteFlowControl
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import (
@@ -58,6 +58,8 @@ SLOW_PATH_HEADERS = frozenset({b"authorization", b"content-length", b"transfer-e
 FAST_HEAD_BYTES = 8 * 1024
 # A response with a Content-Length up to this goes out in one write, head and body together.
 COALESCE_BYTES = 64 * 1024
+# What aiohttp sends as `Server` when the app sends none.
+SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 # Pipelined bytes kept while a request is in flight. Past this, floydd stops reading from the client.
 PIPELINE_BUFFER_BYTES = 64 * 1024
 
@@ -492,54 +494,60 @@ def response_head(
 
     It keeps what aiohttp would send for the same response, so both paths
     look alike: the app's end-to-end headers in order, plus `Date`, `Server`
-    and a default `Content-Type` when the app sent none.
+    and a default `Content-Type` when the app sent none. Header values pass
+    as the app sent them because llhttp has already rejected a value with a
+    bare CR or LF, obsolete line folding or NUL.
     """
     status = upstream.status
     reason = upstream.reason or _reason_phrase(status)
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
-    named: set[bytes] = set()
-    content_length: bytes | None = None
-    has_date = has_server = has_content_type = False
-    kept: list[tuple[bytes, bytes]] = []
+    content_length: int | None = None
+    seen: set[bytes] = set()
+    named: list[bytes] = []
     for name, value in upstream.headers:
         lowered = name.lower()
-        if b"\r" in value or b"\n" in value or b"\x00" in value:
-            raise BadGateway(f"the app sent an invalid value for the response header {name.decode('latin-1')!r}")
-        if lowered == b"content-length":
-            content_length = b"%d" % int(value)
-        elif lowered in HOP_BY_HOP:
-            if lowered == b"connection":
-                named.update(connection_tokens(value))
-        else:
-            kept.append((name, value))
-            has_date = has_date or lowered == b"date"
-            has_server = has_server or lowered == b"server"
-            has_content_type = has_content_type or lowered == b"content-type"
-    for name, value in kept:
-        if not named or name.lower() not in named:
-            lines += (name, b": ", value, b"\r\n")
+        seen.add(lowered)
+        if lowered in HOP_BY_HOP or lowered == b"content-length":
+            if lowered == b"content-length":
+                content_length = int(value)
+            elif lowered == b"connection":
+                named += connection_tokens(value)
+            continue
+        lines += (name, b": ", value, b"\r\n")
+    if named:
+        lines = [lines[0], *_without_headers(lines[1:], frozenset(named))]
     empty = method == "HEAD" or status in (204, 304) or status < 200
     if empty:
         framing = "empty"
-        if content_length is not None and status not in (204,) and status >= 200:
-            lines += (b"Content-Length: ", content_length, b"\r\n")
+        # As aiohttp does: a HEAD or 304 response keeps the length of the body it stands for, 204 and 1xx do not.
+        if content_length is not None and status != 204 and status >= 200:
+            lines.append(b"Content-Length: %d\r\n" % content_length)
     elif content_length is not None:
         framing = "length"
-        lines += (b"Content-Length: ", content_length, b"\r\n")
+        lines.append(b"Content-Length: %d\r\n" % content_length)
     else:
         framing = "chunked"
         lines.append(b"Transfer-Encoding: chunked\r\n")
-    if not empty and content_length != b"0" and not has_content_type:
+    if not empty and content_length != 0 and b"content-type" not in seen:
         lines.append(b"Content-Type: application/octet-stream\r\n")
-    if not has_date:
-        lines += (b"Date: ", http_date().encode("latin-1"), b"\r\n")
-    if not has_server:
-        lines += (b"Server: ", SERVER_SOFTWARE.encode("latin-1"), b"\r\n")
+    if b"date" not in seen:
+        lines += (b"Date: ", http_date(), b"\r\n")
+    if b"server" not in seen:
+        lines += (b"Server: ", SERVER_HEADER, b"\r\n")
     if close:
         lines.append(b"Connection: close\r\n")
     lines += (b"X-Request-ID: ", request_id.encode("latin-1"), b"\r\n")
     lines += (b"Server-Timing: ", timing.encode("latin-1"), b"\r\n\r\n")
-    return b"".join(lines), framing, int(content_length) if content_length is not None else None
+    return b"".join(lines), framing, content_length
+
+
+def _without_headers(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Return header parts (name, ": ", value, CRLF, ...) without the headers in `names` (lowercase)."""
+    kept: list[bytes] = []
+    for index in range(0, len(parts), 4):
+        if parts[index].lower() not in names:
+            kept += parts[index : index + 4]
+    return kept
 
 
 def error_response(error: FloyddError, request_id: str, *, head_only: bool, close: bool) -> bytes:
@@ -556,9 +564,9 @@ def error_response(error: FloyddError, request_id: str, *, head_only: bool, clos
         lines.append(b"Connection: close\r\n")
     lines += (
         b"Date: ",
-        http_date().encode("latin-1"),
+        http_date(),
         b"\r\nServer: ",
-        SERVER_SOFTWARE.encode("latin-1"),
+        SERVER_HEADER,
         b"\r\nX-Request-ID: ",
         request_id.encode("latin-1"),
         b"\r\n\r\n",
@@ -576,14 +584,14 @@ def _reason_phrase(status: int) -> str:
 
 
 _date_second = 0
-_date_text = ""
+_date_value = b""
 
 
-def http_date() -> str:
+def http_date() -> bytes:
     """Return the current time as an HTTP date, formatted once per second."""
-    global _date_second, _date_text
+    global _date_second, _date_value
     now = int(time.time())
     if now != _date_second:
         _date_second = now
-        _date_text = email.utils.formatdate(now, usegmt=True)
-    return _date_text
+        _date_value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+    return _date_value

@@ -1,8 +1,9 @@
 """An in-process proxy in front of small upstreams on 127.0.0.1, for faults a Flask app cannot produce.
 
-The proxy is floydd's own `Proxy` with a real queue, store and aiohttp
-server, built the way floydd.app builds it; only the supervisor is left out,
-so a test opens and closes the job's queue itself.
+The proxy is floydd's own `Proxy` with a real queue, store, aiohttp server
+and front (floydd.front), built the way floydd.app and floydd.cli build
+them; only the supervisor is left out, so a test opens and closes the job's
+queue itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 from aiohttp import web
 
 from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore
-from floydd.config import ProxySettings
+from floydd.config import ProxySettings, ServerSettings
+from floydd.front import FrontServer
 from floydd.jobs import Job, JobMode, JobState, new_job_id, utcnow
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, no_automatic_continue
@@ -105,7 +107,7 @@ async def running_proxy(
     )
     await store.insert(job)
     queues = QueueRegistry(proxy_settings.max_queue_depth, preconnect=proxy_settings.preconnect)
-    queue = queues.create(job.id, concurrency=concurrency)
+    queue = queues.create(job.id, concurrency=concurrency, public=True)
     if upstream_port is not None:
         queue.open(Upstream("127.0.0.1", upstream_port))
     metrics = ProxyMetrics(queues, store)
@@ -118,12 +120,16 @@ async def running_proxy(
         app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    assert runner.server is not None
+    # floydd's front, as floydd.cli installs it: plain GETs take the fast path, the rest go to aiohttp.
+    front = FrontServer(runner.server, proxy, queues, metrics, ServerSettings())
+    server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     try:
         yield ProxyUnderTest(f"http://127.0.0.1:{port}", job.id, queue, queues, store)
     finally:
+        server.close()
+        await front.shutdown(1.0)
         await runner.cleanup()
         await store.close()
 

@@ -199,7 +199,7 @@ async def test_slow_headers_hit_total_timeout(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "response_bytes",
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000,
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
     ],
     ids=["content-length", "chunked"],
@@ -218,10 +218,27 @@ async def test_app_dying_mid_response_aborts(tmp_path: Path, response_bytes: byt
         )
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    if b"Content-Length: 1000" in head:
-        assert len(body) < 1000
+    if b"Content-Length: 200000" in head:
+        assert len(body) < 200000
     else:
         assert not body.endswith(b"0\r\n\r\n")
+
+
+async def test_app_dying_in_small_response_gives_502(tmp_path: Path) -> None:
+    """A response of at most 64 KiB is sent in one write once complete, so a cut-off one becomes a 502."""
+
+    async def die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.transport.abort()
+
+    upstream = await raw_upstream(die)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.json()
+    assert response.status == 502
+    assert "before the response body was complete" in body["detail"]
 
 
 @pytest.mark.parametrize(
