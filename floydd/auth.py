@@ -263,12 +263,12 @@ def request_user(request: web.Request) -> User:
 
 
 def needs_token(path: str) -> bool:
-    return path == "/api" or path.startswith("/api/")
+    return path == "/api" or path.startswith("/api/") or path == "/metrics"
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticate every `/api` request before its handler, or before its 404, runs."""
+    """Authenticate every `/api` and `/metrics` request before its handler, or before its 404, runs."""
     if needs_token(request.path):
         await request.app[AUTHENTICATOR].authenticate(request)
     return await handler(request)

@@ -8,11 +8,11 @@ requests are what a model endpoint mostly serves, and aiohttp's request and
 response objects cost more CPU per request than the rest of the proxy
 (docs/benchmarks.md has the measurements).
 
-Any other request (the API, uploads, request bodies, WebSockets, `Expect`,
-`Authorization`, private jobs, unknown jobs, HTTP/1.0, oversized or
-malformed heads) makes the connection switch to aiohttp for good: the bytes
-read so far go to a fresh aiohttp RequestHandler, which parses them as if it
-had accepted the connection. Both paths produce the same response contract
+Any other request makes the connection switch to aiohttp for good: the API,
+uploads, request bodies, WebSockets, `Expect`, `Authorization`, private and
+unknown jobs, HTTP/1.0, and oversized or malformed heads. The bytes read so
+far go to a fresh aiohttp RequestHandler, which parses them as if it had
+accepted the connection. Both paths produce the same response contract
 (docs/proxy.md).
 """
 
@@ -58,7 +58,7 @@ SLOW_PATH_HEADERS = frozenset({b"authorization", b"content-length", b"transfer-e
 FAST_HEAD_BYTES = 8 * 1024
 # A response with a Content-Length up to this goes out in one write, head and body together.
 COALESCE_BYTES = 64 * 1024
-# What aiohttp sends as `Server` when the app sends none.
+# The `Server` value aiohttp sends when the app sends none.
 SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 # Pipelined bytes kept while a request is in flight. Past this, floydd stops reading from the client.
 PIPELINE_BUFFER_BYTES = 64 * 1024
@@ -105,8 +105,9 @@ class FrontServer:
                 busy.append(task)
         fast_path = asyncio.wait(busy, timeout=timeout_s) if busy else asyncio.sleep(0)
         await asyncio.gather(fast_path, self.aiohttp_server.shutdown(timeout_s))
-        for connection in list(self.connections):
-            connection.abort_if_busy()
+        cut_off = sum(connection.abort_if_busy() for connection in list(self.connections))
+        if cut_off:
+            log.warning("proxy_requests_cut_off", count=cut_off, grace_s=timeout_s)
 
 
 def build_front(runner: web.AppRunner, settings: ServerSettings) -> FrontServer:
@@ -224,10 +225,15 @@ class FrontConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def abort_if_busy(self) -> None:
-        """Abort a connection whose request is still in flight; an idle one may still be sending its last response."""
-        if self._task is not None:
-            self.abort()
+    def abort_if_busy(self) -> bool:
+        """Abort the connection if its request is still in flight, and return whether it did.
+
+        An idle connection is left to close by itself, since it may still be sending its last response.
+        """
+        if self._task is None:
+            return False
+        self.abort()
+        return True
 
     def close_when_idle(self) -> asyncio.Task[None] | None:
         """Close the connection now if no request is in flight, else after it; return the request's task."""

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from floydd.errors import FloyddError
+from floydd.auth import request_user
+from floydd.errors import FloyddError, Forbidden
 from floydd.jobs import JobState
 from floydd.queue import QueueRegistry
 from floydd.store import JobStore
@@ -126,6 +127,9 @@ class ProxyMetrics:
         return series
 
     async def handle(self, request: web.Request) -> web.Response:
+        # The series name every serve job, other users' and private ones included.
+        if not request_user(request).is_admin:
+            raise Forbidden("/metrics lists every job; scrape it with an admin token")
         self._jobs.counts = await self._store.count_by_state()
         body = generate_latest(self.registry)
         self._forget_ended_jobs()

@@ -95,6 +95,8 @@ class JobQueue:
         self._pool: ConnectionPool | None = None
         self._opened = asyncio.Event()
         self._closed: FloyddError | None = None
+        # Set when the job starts to end: nothing more is admitted, and the waiters get its final state.
+        self._held = False
         # Slots granted, counting waiters whose grant their task has not yet seen.
         self._busy = 0
         self._service_s = 0.0
@@ -122,6 +124,10 @@ class JobQueue:
         self._pool = ConnectionPool(upstream, preconnect=self._preconnect)
         self._opened.set()
         self._admit()
+
+    def hold(self) -> None:
+        """Admit no more requests, because the job is ending. `close()` later rejects the waiters."""
+        self._held = True
 
     def close(self, error: FloyddError) -> None:
         """Reject every waiting and future request with `error`, and break off those in flight."""
@@ -182,7 +188,7 @@ class JobQueue:
     async def _acquire(self, timeout_s: float) -> ConnectionPool:
         if self._closed is not None:
             raise self._closed
-        if self._pool is not None and self._busy < self.concurrency and not self._waiters:
+        if self._pool is not None and not self._held and self._busy < self.concurrency and not self._waiters:
             self._busy += 1
             return self._pool
         if len(self._waiters) >= self.max_depth:
@@ -225,7 +231,7 @@ class JobQueue:
         self._admit()
 
     def _admit(self) -> None:
-        if self._closed is not None or self._pool is None:
+        if self._closed is not None or self._pool is None or self._held:
             return
         while self._waiters and self._busy < self.concurrency:
             waiter, _ = self._waiters.popitem(last=False)

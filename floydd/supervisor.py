@@ -27,7 +27,7 @@ from floydd.gpus import GpuInventory, GpuPool, NoGpus, NvidiaSmi
 from floydd.joblogs import JobLogWriter
 from floydd.jobrequests import RequestContext
 from floydd.jobs import FINAL_STATES, Job, JobMode, JobState, utcnow
-from floydd.queue import QueueRegistry, Upstream
+from floydd.queue import JobQueue, QueueRegistry, Upstream
 from floydd.readiness import LoopbackOnly, wait_until_listening
 from floydd.runtime import APP_PORT, MAX_RETRY_DELAY_S, ContainerExit, ContainerSpec, DockerRuntime, Mount
 from floydd.store import JobStore
@@ -65,10 +65,15 @@ class _Handle:
     failure: str | None = None
     end_requested: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # A serve job's queue, held once an end is requested so that no request
+    # reaches an app that is being stopped.
+    queue: JobQueue | None = None
 
     def request_end(self, state: JobState) -> None:
         if self.end_request is None:
             self.end_request = state
+        if self.queue is not None:
+            self.queue.hold()
         self.end_requested.set()
 
 
@@ -285,6 +290,7 @@ class Supervisor:
             )
             if adopt and job.host_port is not None and job.state is JobState.SERVING:
                 queue.open(Upstream("127.0.0.1", job.host_port))
+            handle.queue = queue
         handle.task = asyncio.create_task(self._supervise(job, handle, adopt), name=f"job-{job.id}")
 
     async def _supervise(self, job: Job, handle: _Handle, adopt: bool) -> None:

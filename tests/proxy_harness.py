@@ -18,7 +18,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore
+from floydd.api import error_middleware
+from floydd.auth import AUTHENTICATOR, Authenticator, TokenStore, auth_middleware
 from floydd.config import ProxySettings, ServerSettings
 from floydd.front import FrontServer
 from floydd.jobs import Job, JobMode, JobState, new_job_id, utcnow
@@ -82,6 +83,8 @@ class ProxyUnderTest:
     queue: JobQueue
     queues: QueueRegistry
     store: JobStore
+    # Sent as a bearer token, it reads /metrics.
+    admin_token: str
 
     def path(self, tail: str = "/") -> str:
         return f"/expose/{self.job_id}{tail}"
@@ -112,9 +115,11 @@ async def running_proxy(
         queue.open(Upstream("127.0.0.1", upstream_port))
     metrics = ProxyMetrics(queues, store)
     proxy = Proxy(proxy_settings, queues, store, metrics, tmp_path / "spool")
-    app = web.Application()
+    tokens = TokenStore(store)
+    admin_token, _ = await tokens.create("admin", admin=True)
+    app = web.Application(middlewares=[error_middleware, auth_middleware])
     # The proxy checks private jobs through the app's authenticator, as in floydd.app.
-    app[AUTHENTICATOR] = Authenticator(TokenStore(store), store)
+    app[AUTHENTICATOR] = Authenticator(tokens, store)
     app.router.add_get("/metrics", metrics.handle)
     for path in ("/expose/{job_id}", "/expose/{job_id}/{tail:.*}"):
         app.router.add_route("*", path, proxy.handle, expect_handler=no_automatic_continue)
@@ -126,7 +131,7 @@ async def running_proxy(
     server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield ProxyUnderTest(f"http://127.0.0.1:{port}", job.id, queue, queues, store)
+        yield ProxyUnderTest(f"http://127.0.0.1:{port}", job.id, queue, queues, store, admin_token)
     finally:
         server.close()
         await front.shutdown(1.0)

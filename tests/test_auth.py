@@ -117,6 +117,25 @@ async def test_database_has_no_token_secret(daemon: Daemon) -> None:
     assert all(secret not in str(row) for row in rows)
 
 
+async def test_metrics_need_admin_token(daemon: Daemon) -> None:
+    """The metrics name every job, so only an admin may read them."""
+    alice = await create_token(daemon.state_dir, "alice")
+    anonymous_status, anonymous_headers, _ = await fetch(daemon, "GET", "/metrics")
+    user_status, _, user_body = await fetch(daemon, "GET", "/metrics", bearer(alice))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{daemon.url}/metrics", headers=bearer(daemon.admin_token)) as response,
+    ):
+        admin_status = response.status
+        admin_text = await response.text()
+    assert anonymous_status == 401
+    assert anonymous_headers["WWW-Authenticate"].startswith("Bearer")
+    assert user_status == 403
+    assert "admin token" in user_body["detail"]
+    assert admin_status == 200
+    assert "floydd_jobs" in admin_text
+
+
 async def test_users_see_only_own_jobs(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Any) -> None:
     alice, bob = await create_token(daemon.state_dir, "alice"), await create_token(daemon.state_dir, "bob")
     project = tmp_path / "p"

@@ -557,7 +557,10 @@ async def test_metrics_count_requests(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
         async with client.get(proxy.url + proxy.path("/")) as response:
             await response.read()
-        async with client.get(proxy.url + "/metrics") as response:
+        async with client.get(proxy.url + "/metrics") as anonymous:
+            assert anonymous.status == 401
+        headers = {"Authorization": f"Bearer {proxy.admin_token}"}
+        async with client.get(proxy.url + "/metrics", headers=headers) as response:
             text = await response.text()
     job = proxy.job_id
     assert f'floydd_proxy_requests_total{{job_id="{job}",status_class="2xx"}} 1.0' in text

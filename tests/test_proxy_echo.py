@@ -13,7 +13,15 @@ import httptools
 import pytest
 import pytest_asyncio
 
-from tests.conftest import APPS, Daemon, remove_job_containers, start_daemon, submit_ok, wait_for_state
+from tests.conftest import (
+    APPS,
+    Daemon,
+    admin_headers,
+    remove_job_containers,
+    start_daemon,
+    submit_ok,
+    wait_for_state,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module")]
 
@@ -151,14 +159,17 @@ async def test_metrics_endpoint_lists_job(echo: tuple[Daemon, str]) -> None:
     async with aiohttp.ClientSession() as client:
         async with client.get(endpoint + "/") as response:
             await response.read()
-        async with client.get(daemon.url + "/metrics") as response:
+        async with client.get(daemon.url + "/metrics", headers=admin_headers(daemon)) as response:
             text = await response.text()
     assert f'floydd_proxy_requests_total{{job_id="{job_id}",status_class="2xx"}}' in text
     assert 'floydd_jobs{state="serving"} 1.0' in text
 
 
 async def fast_path_count(daemon: Daemon) -> float:
-    async with aiohttp.ClientSession() as client, client.get(f"{daemon.url}/metrics") as response:
+    async with (
+        aiohttp.ClientSession(headers=admin_headers(daemon)) as client,
+        client.get(f"{daemon.url}/metrics") as response,
+    ):
         text = await response.text()
     for line in text.splitlines():
         if line.startswith("floydd_proxy_fast_path_requests_total "):

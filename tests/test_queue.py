@@ -98,3 +98,27 @@ async def test_cancelled_waiter_leaves_queue() -> None:
     await asyncio.gather(first, last)
     assert entered == ["first", "last"]
     assert queue.in_flight == 0
+
+
+async def test_held_queue_admits_nothing_more() -> None:
+    """Once the job starts to end, a freed slot goes to no one, and the waiters get the final state."""
+    queue = JobQueue("j", max_depth=10)
+    queue.open(UPSTREAM)
+    entered: list[str] = []
+    release = asyncio.Event()
+    first = asyncio.create_task(hold(queue, "first", entered, release))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(hold(queue, "waiter", entered, asyncio.Event()))
+    await asyncio.sleep(0)
+    queue.hold()
+    release.set()
+    await first
+    await asyncio.sleep(0.05)
+    assert entered == ["first"]
+    assert not waiter.done()
+    queue.close(JobNotServing("job j is stopped, not serving", state="stopped"))
+    with pytest.raises(JobNotServing):
+        await waiter
+    with pytest.raises(JobNotServing):
+        await hold(queue, "late", entered, release)
+    assert entered == ["first"]

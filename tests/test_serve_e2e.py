@@ -123,6 +123,35 @@ async def test_stop_removes_container_keeps_logs(daemon: Daemon, client: aiohttp
     assert daemon.logged("job_state_changed", job_id=job["id"], state="stopped")
 
 
+async def test_stop_rejects_queued_requests(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    """Requests queued behind one in flight get 503 when the job is stopped; none reaches the dying app."""
+    job = await submit_ok(client, daemon, APPS / "echo", mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"})
+    endpoint = job["endpoint"]
+
+    async def get(path: str) -> tuple[int, dict[str, object] | None]:
+        async with client.get(endpoint + path) as response:
+            body = await response.read()
+            return response.status, (await response.json()) if response.status >= 500 and body else None
+
+    in_flight = asyncio.create_task(get("/stream?lines=50&delay=0.1"))
+    await asyncio.sleep(0.5)
+    queued = [asyncio.create_task(get(f"/queued-{index}")) for index in range(3)]
+    await asyncio.sleep(0.3)
+    async with client.post(f"{daemon.url}/api/v1/jobs/{job['id']}/stop") as response:
+        assert response.status == 200
+    # The stream in flight is cut off by the stop, which the client sees as an incomplete body.
+    (cut_off,) = await asyncio.gather(in_flight, return_exceptions=True)
+    results = await asyncio.gather(*queued)
+
+    assert isinstance(cut_off, aiohttp.ClientPayloadError)
+
+    assert [status for status, _ in results] == [503, 503, 503]
+    assert [body["error"] for _, body in results if body] == ["job_not_serving"] * 3
+    logs = await get_logs(client, daemon, job["id"])
+    assert "/queued-" not in logs
+
+
 async def test_broken_app_fails_with_traceback(daemon: Daemon, client: aiohttp.ClientSession) -> None:
     job = await submit_ok(client, daemon, APPS / "broken", mode="serve")
     ended = await wait_for_state(client, daemon, job["id"], {"failed"})
