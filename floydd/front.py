@@ -206,6 +206,12 @@ class FrontConnection(asyncio.Protocol):
     # Used by the fast-path relay
 
     @property
+    def task(self) -> asyncio.Task[None]:
+        """The task that serves the request in flight."""
+        assert self._task is not None, "no request in flight"
+        return self._task
+
+    @property
     def closing(self) -> bool:
         """Whether the connection closes after the response in flight."""
         return self._close_when_idle or self._server.closing
@@ -423,7 +429,7 @@ async def serve_fast(server: FrontServer, client: FrontConnection, request: Fast
         admission = await queue.admit(proxy.settings.queue_timeout_s)
         try:
             server.metrics.admitted(job_id, admission.queued_s)
-            await proxy.exchange(relay, admission, job_id, request.method, target, headers, None, None)
+            await proxy.exchange(relay, admission, job_id, request.method, target, headers, None, None, client.task)
             status = relay.status
         finally:
             queue.release(admission)

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -137,6 +137,12 @@ def upstream_headers(
     return headers
 
 
+def _current_task() -> asyncio.Task[Any]:
+    task = asyncio.current_task()
+    assert task is not None, "called outside a task"
+    return task
+
+
 def _request_upstream_headers(request: web.Request, job_id: str, request_id: str) -> list[tuple[bytes, bytes]]:
     return upstream_headers(
         request.raw_headers,
@@ -251,6 +257,7 @@ class Proxy:
                     headers,
                     body.chunks(),
                     body.length,
+                    _current_task(),
                 )
                 return relay.response
             finally:
@@ -295,19 +302,19 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
         body: AsyncIterator[bytes] | None,
         content_length: int | None,
+        task: asyncio.Task[Any],
     ) -> None:
         """Send an admitted request to the app and relay its response to the client.
 
-        Raises FloyddError when no byte of a response has reached the client
-        yet; later failures abort the client's connection instead.
+        `task` is the task that runs this call. Raises FloyddError when no byte
+        of a response has reached the client yet; later failures abort the
+        client's connection instead.
         """
-        task = asyncio.current_task()
-        assert task is not None
         # The supervisor closes the queue when the job ends; cancelling breaks off whatever this request awaits.
         admission.on_job_end(task.cancel)
         started = time.monotonic()
         # A timer that cancels the task, not asyncio.timeout(), which costs more on every request.
-        total_timer = asyncio.get_running_loop().call_later(self._settings.total_timeout_s, relay.time_out, task)
+        total_timer = admission.pool.loop.call_later(self._settings.total_timeout_s, relay.time_out, task)
         upstream: UpstreamResponse | None = None
         try:
             upstream = await send_request(

@@ -146,7 +146,7 @@ class _Connection(asyncio.Protocol):
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         # The response being read, or None between exchanges.
@@ -218,7 +218,7 @@ class _Connection(asyncio.Protocol):
     async def wait(self) -> None:
         """Wait for the next event on the connection: bytes, the end, or an error."""
         self._resume_reading()
-        self._waiter = self._loop.create_future()
+        self._waiter = self.loop.create_future()
         try:
             await self._waiter
         finally:
@@ -267,13 +267,13 @@ class _Connection(asyncio.Protocol):
     def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Hand the transport over to asyncio streams, for a connection upgraded to another protocol."""
         assert self.transport is not None
-        reader = asyncio.StreamReader(limit=READ_BYTES, loop=self._loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=self._loop)
+        reader = asyncio.StreamReader(limit=READ_BYTES, loop=self.loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
         self.transport.set_protocol(protocol)
         protocol.connection_made(self.transport)
         if self.eof:
             reader.feed_eof()
-        writer = asyncio.StreamWriter(self.transport, protocol, reader, self._loop)
+        writer = asyncio.StreamWriter(self.transport, protocol, reader, self.loop)
         self._resume_reading()
         return reader, writer
 
@@ -310,6 +310,14 @@ class ConnectionPool:
         self._app_closes_connections = False
         self._connecting: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # Kept because asyncio.get_running_loop() makes a getpid() system call on every call in Python 3.11.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def take(self, max_idle_s: float) -> _Connection | None:
         """Return an idle connection used less than `max_idle_s` ago, closing stale ones."""
@@ -322,17 +330,25 @@ class ConnectionPool:
         return None
 
     async def connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        """Open a connection to the app, or raise UpstreamRefused after at most CONNECT_TIMEOUT_S."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop), self.upstream.host, self.upstream.port
-                )
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamRefused(
-                f"the app is not accepting connections on port {self.upstream.port}: {exc or 'connect timed out'}",
-            ) from exc
+                return await self._open()
+        except TimeoutError as exc:
+            raise self._refused("connect timed out") from exc
+
+    async def _open(self) -> _Connection:
+        loop = self.loop
+        try:
+            _, connection = await loop.create_connection(
+                lambda: _Connection(loop), self.upstream.host, self.upstream.port
+            )
+        except OSError as exc:
+            raise self._refused(str(exc)) from exc
         return connection
+
+    def _refused(self, why: str) -> UpstreamRefused:
+        return UpstreamRefused(f"the app is not accepting connections on port {self.upstream.port}: {why}")
 
     def put(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= POOL_MAX_IDLE or not connection.is_usable():
@@ -362,7 +378,11 @@ class ConnectionPool:
             or self._connecting is not None
         ):
             return
-        self._connecting = asyncio.get_running_loop().create_task(self._connect_spare())
+        loop = self.loop
+        task = self._connecting = loop.create_task(self._connect_spare())
+        # A timer, not asyncio.timeout() in the task, which costs more for a connect that happens on every request.
+        timer = loop.call_later(CONNECT_TIMEOUT_S, task.cancel)
+        task.add_done_callback(lambda _: timer.cancel())
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when their exchange ends."""
@@ -376,7 +396,7 @@ class ConnectionPool:
 
     async def _connect_spare(self) -> None:
         try:
-            connection = await self.connect()
+            connection = await self._open()
         except UpstreamRefused as exc:
             # The request that needs a connection next tries on its own and reports the error.
             log.debug("upstream_preconnect_failed", port=self.upstream.port, error=exc.detail)
@@ -389,7 +409,7 @@ class ConnectionPool:
         if self._expiry is None and self._idle:
             oldest = min(connection.idle_since for connection in self._idle)
             delay = max(0.0, oldest + POOL_IDLE_TIMEOUT_S - time.monotonic())
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire_idle)
+            self._expiry = self.loop.call_later(delay, self._expire_idle)
 
     def _expire_idle(self) -> None:
         """Close idle connections past POOL_IDLE_TIMEOUT_S, so no app connection stays open unused."""
@@ -602,7 +622,7 @@ async def _read_head(
     connection: _Connection, message: _Message, sender: asyncio.Task[bool] | None, response_timeout_s: float
 ) -> None:
     """Wait for the response head, for at most `response_timeout_s`."""
-    timer = asyncio.get_running_loop().call_later(response_timeout_s, connection.time_out_head)
+    timer = connection.loop.call_later(response_timeout_s, connection.time_out_head)
     try:
         while not message.headers_complete:
             if connection.error is not None:
