@@ -124,12 +124,12 @@ class Bench:
             self.job_id = await self.floydd.submit_serve_job(bench_app_archive())
             await self.floydd.wait_serving(self.job_id)
             self.app_port = await published_port(f"floydd-{self.job_id}")
-            self.haproxy = HAProxy(self.app_port, self.results_dir)
+            self.haproxy = HAProxy(self.results_dir, app_port=self.app_port)
             await self.haproxy.start()
             say(f"job {self.job_id} on 127.0.0.1:{self.app_port}, HAProxy on 127.0.0.1:{self.haproxy.port}")
             self.references = {
-                "lean proxy": ReferenceServer("lean-proxy", self.results_dir, app_port=self.app_port),
-                "aiohttp alone": ReferenceServer("aiohttp-hello", self.results_dir),
+                "lean proxy": ReferenceServer(self.results_dir, kind="lean-proxy", app_port=self.app_port),
+                "aiohttp alone": ReferenceServer(self.results_dir, kind="aiohttp-hello"),
             }
             for reference in self.references.values():
                 await reference.start()

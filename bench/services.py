@@ -246,10 +246,9 @@ backend app
 
 
 @dataclass
-class HAProxy:
-    """HAProxy in front of one app port with `maxconn 1` and a queue, as the classic way to serialise requests."""
+class LocalServer:
+    """A server process on 127.0.0.1 that the benchmark starts, measures by pid, and stops."""
 
-    app_port: int
     results_dir: Path
     port: int = 0
     process: asyncio.subprocess.Process | None = None
@@ -259,18 +258,16 @@ class HAProxy:
         assert self.process is not None
         return self.process.pid
 
-    async def start(self) -> None:
-        self.port = free_port()
-        config = self.results_dir / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(host=LOOPBACK, listen_port=self.port, app_port=self.app_port))
-        log = (self.results_dir / "haproxy.log").open("wb")
-        # -db keeps HAProxy in the foreground, as one process, so its pid is the one to measure.
-        self.process = await asyncio.create_subprocess_exec("haproxy", "-db", "-f", str(config), stdout=log, stderr=log)
+    async def _spawn(self, name: str, *command: str) -> None:
+        """Run `command`, logging to `<name>.log`, and wait until it listens on `self.port`."""
+        log_path = self.results_dir / f"{name}.log"
+        log = log_path.open("wb")
+        self.process = await asyncio.create_subprocess_exec(*command, stdout=log, stderr=log, cwd=REPO)
         log.close()
         try:
             await wait_for_port(self.port, timeout_s=10)
         except BenchError:
-            raise BenchError(f"HAProxy did not start; see {self.results_dir / 'haproxy.log'}") from None
+            raise BenchError(f"{name} did not start; see {log_path}") from None
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -279,34 +276,27 @@ class HAProxy:
 
 
 @dataclass
-class ReferenceServer:
+class HAProxy(LocalServer):
+    """HAProxy in front of one app port with `maxconn 1` and a queue, as the classic way to serialise requests."""
+
+    app_port: int = 0
+
+    async def start(self) -> None:
+        self.port = free_port()
+        config = self.results_dir / "haproxy.cfg"
+        config.write_text(HAPROXY_CONFIG.format(host=LOOPBACK, listen_port=self.port, app_port=self.app_port))
+        # -db keeps HAProxy in the foreground, as one process, so its pid is the one to measure.
+        await self._spawn("haproxy", "haproxy", "-db", "-f", str(config))
+
+
+@dataclass
+class ReferenceServer(LocalServer):
     """One of the servers in bench/reference.py, run as its own process so its CPU time can be read."""
 
-    kind: str
-    results_dir: Path
+    kind: str = ""
     app_port: int | None = None
-    port: int = 0
-    process: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
 
     async def start(self) -> None:
         self.port = free_port()
         arguments = [self.kind, str(self.port)] + ([str(self.app_port)] if self.app_port is not None else [])
-        log = (self.results_dir / f"{self.kind}.log").open("wb")
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.reference", *arguments, stdout=log, stderr=log, cwd=REPO
-        )
-        log.close()
-        try:
-            await wait_for_port(self.port, timeout_s=10)
-        except BenchError:
-            raise BenchError(f"{self.kind} did not start; see {self.results_dir / f'{self.kind}.log'}") from None
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.terminate()
-            await self.process.wait()
+        await self._spawn(self.kind, sys.executable, "-m", "bench.reference", *arguments)
