@@ -7,8 +7,8 @@ Run as `python -m bench.reference lean-proxy PORT APP_PORT` or
   as floydd. It is an asyncio Protocol that parses requests with httptools,
   with one lock to send one request at a time and floydd's own upstream
   client (`floydd.upstream`, preconnect on). It has no queue limits, timeouts,
-  metrics, request ids, forwarded headers or JSON errors, and it answers
-  with the app's head and body in one write. Its CPU per request is what
+  metrics, request ids, forwarded headers or JSON errors, and it sends
+  the app's head and body in one write. Its CPU per request is what
   Python, uvloop and the kernel cost for one proxied request on this
   machine, so the gap between it and floydd is the cost of floydd's features.
 - **aiohttp-hello** is aiohttp answering `GET /hello` itself with 6 bytes:
@@ -25,10 +25,10 @@ import httptools
 import uvloop
 from aiohttp import web
 
+from floydd.proxy import HOP_BY_HOP
 from floydd.upstream import ConnectionPool, Upstream, send_request
 
 LOOPBACK = "127.0.0.1"
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade"})
 
 
 class LeanProxyConnection(asyncio.Protocol):

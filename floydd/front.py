@@ -36,15 +36,7 @@ from floydd.config import ServerSettings
 from floydd.errors import FloyddError
 from floydd.flow import WriteFlowControl
 from floydd.metrics import ProxyMetrics
-from floydd.proxy import (
-    HOP_BY_HOP,
-    Proxy,
-    connection_tokens,
-    log_aborted,
-    new_request_id,
-    server_timing,
-    upstream_headers,
-)
+from floydd.proxy import Proxy, log_aborted, new_request_id, response_end_to_end, server_timing, upstream_headers
 from floydd.queue import QueueRegistry
 from floydd.upstream import UpstreamResponse
 
@@ -121,12 +113,24 @@ def build_front(runner: web.AppRunner, settings: ServerSettings) -> FrontServer:
 class FastRequest:
     """A bodyless request head parsed by httptools, with what the fast path needs from it."""
 
-    __slots__ = ("method", "url", "headers", "host", "request_id", "complete", "version", "keep_alive", "parser")
+    __slots__ = (
+        "method",
+        "url",
+        "job_id",
+        "headers",
+        "host",
+        "request_id",
+        "complete",
+        "version",
+        "keep_alive",
+        "parser",
+    )
 
     def __init__(self) -> None:
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.method = ""
         self.url = b""
+        self.job_id = ""
         self.headers: list[tuple[bytes, bytes]] = []
         self.host = b""
         self.request_id = b""
@@ -281,6 +285,7 @@ class FrontConnection(asyncio.Protocol):
         """Return the request if the fast path may serve it, or None to hand the connection to aiohttp."""
         if not head.startswith((b"GET ", b"HEAD ", b"DELETE ", b"OPTIONS ")):
             return None
+
         request = FastRequest()
         parser = request.parser
         assert parser is not None
@@ -289,10 +294,11 @@ class FrontConnection(asyncio.Protocol):
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             # HttpParserUpgrade is not an HttpParserError (httptools 0.9): a WebSocket or h2c upgrade request.
             return None
-        # The parser refers to the request and the request to the parser; break the cycle.
+        # The parser refers to the request and the request to the parser, so break the cycle.
         request.parser = None
         if not request.complete or request.version != "1.1":
             return None
+
         settings = self._server.settings
         if len(request.url) > settings.max_request_line_bytes or len(request.headers) > settings.max_headers:
             return None
@@ -307,16 +313,19 @@ class FrontConnection(asyncio.Protocol):
                 request.host = value
             elif lowered == b"x-request-id" and not request.request_id:
                 request.request_id = value
+
         request.method = parser.get_method().decode("ascii")
-        if not request.host or not self._routable(request.url):
+        if not request.host or not self._routable(request):
             return None
         return request
 
-    def _routable(self, url: bytes) -> bool:
-        """Return True for `/expose/<id>[/...]` of a public serve job that has a queue."""
+    def _routable(self, request: FastRequest) -> bool:
+        """Return True for `/expose/<id>[/...]` of a public serve job that has a queue, and note the job id."""
+        url = request.url
         if not url.startswith(EXPOSE_PREFIX) or b"%" in url or b"#" in url:
             return False
-        queue = self._server.queues.get(_job_id(url))
+        request.job_id = _job_id(url)
+        queue = self._server.queues.get(request.job_id)
         return queue is not None and queue.public
 
     async def _serve(self, request: FastRequest) -> None:
@@ -406,7 +415,7 @@ def _upstream_target(url: bytes, job_id: str) -> bytes:
 
 async def serve_fast(server: FrontServer, client: FrontConnection, request: FastRequest) -> None:
     """Queue a fast-path request, relay the app's response, or send floydd's JSON error."""
-    job_id = _job_id(request.url)
+    job_id = request.job_id
     request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
     queue = server.queues.get(job_id)
     proxy = server.proxy
@@ -513,21 +522,12 @@ def response_head(
     status = upstream.status
     reason = upstream.reason or _reason_phrase(status)
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
-    content_length: int | None = None
+    end_to_end, content_length = response_end_to_end(upstream.headers)
     seen: set[bytes] = set()
-    named: list[bytes] = []
-    for name, value in upstream.headers:
-        lowered = name.lower()
-        seen.add(lowered)
-        if lowered in HOP_BY_HOP or lowered == b"content-length":
-            if lowered == b"content-length":
-                content_length = int(value)
-            elif lowered == b"connection":
-                named += connection_tokens(value)
-            continue
+    for name, value in end_to_end:
+        seen.add(name.lower())
         lines += (name, b": ", value, b"\r\n")
-    if named:
-        lines = [lines[0], *_without_headers(lines[1:], frozenset(named))]
+
     empty = method == "HEAD" or status in (204, 304) or status < 200
     if empty:
         framing = "empty"
@@ -551,15 +551,6 @@ def response_head(
     lines += (b"X-Request-ID: ", request_id.encode("latin-1"), b"\r\n")
     lines += (b"Server-Timing: ", timing.encode("latin-1"), b"\r\n\r\n")
     return b"".join(lines), framing, content_length
-
-
-def _without_headers(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """Return header parts (name, ": ", value, CRLF, ...) without the headers in `names` (lowercase)."""
-    kept: list[bytes] = []
-    for index in range(0, len(parts), 4):
-        if parts[index].lower() not in names:
-            kept += parts[index : index + 4]
-    return kept
 
 
 def error_response(error: FloyddError, request_id: str, *, head_only: bool, close: bool) -> bytes:

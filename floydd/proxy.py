@@ -460,22 +460,38 @@ def server_timing(queued_s: float, app_s: float) -> str:
     return f"queue;dur={queued_s * 1000:.1f}, app;dur={app_s * 1000:.1f}"
 
 
-def _response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """Return the end-to-end headers of the app's response, with its Content-Length as aiohttp expects it."""
-    kept = []
+def response_end_to_end(headers: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """Split the app's response headers into the end-to-end ones, in order, and the Content-Length.
+
+    Both relays set the framing themselves from the Content-Length, which
+    llhttp has checked is a number. It is dropped, like any other header,
+    when `Connection` names it.
+    """
+    end_to_end = []
     named: set[bytes] = set()
+    content_length = None
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"content-length":
-            # aiohttp frames the response by this header; llhttp has checked that it is a number.
-            kept.append(("Content-Length", str(int(value))))
+            content_length = int(value)
         elif lowered not in HOP_BY_HOP:
-            kept.append((name.decode("latin-1"), value.decode("latin-1")))
+            end_to_end.append((name, value))
         elif lowered == b"connection":
             named.update(connection_tokens(value))
     if named:
-        kept = [(name, value) for name, value in kept if name.lower().encode("latin-1") not in named]
-    return kept
+        end_to_end = [(name, value) for name, value in end_to_end if name.lower() not in named]
+        if b"content-length" in named:
+            content_length = None
+    return end_to_end, content_length
+
+
+def _response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """Return the app's end-to-end response headers for aiohttp, with the Content-Length by which it frames the body."""
+    end_to_end, content_length = response_end_to_end(headers)
+    decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in end_to_end]
+    if content_length is not None:
+        decoded.append(("Content-Length", str(content_length)))
+    return decoded
 
 
 def _expects_continue(request: web.Request) -> bool:
