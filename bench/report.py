@@ -115,10 +115,10 @@ so in steps of 10 ms per round). With one client nothing waits in a queue,
 so the floydd/direct ratio at one client is the cost of the proxy alone.
 
 At one client the rotation also includes two reference servers from
-`bench/reference.py`, each its own process: **lean proxy**, the smallest
-proxy built from floydd's parts (an asyncio Protocol with httptools in front
-of floydd's upstream client, one request at a time, no other feature), and
-**aiohttp alone**, aiohttp answering `/hello` itself. The first bounds what
+`bench/reference.py`, each its own process. **lean proxy** is the smallest
+proxy built from floydd's parts: an asyncio Protocol with httptools in front
+of floydd's upstream client, one request at a time, and no other feature.
+**aiohttp alone** is aiohttp answering `/hello` itself. The first bounds what
 a Python proxy reaches on this machine, and the second is aiohttp's own
 cost per request.
 

@@ -2,9 +2,9 @@
 
 It is an asyncio Protocol that feeds httptools (llhttp) straight from
 `data_received`, instead of aiohttp's client or asyncio streams, because
-this hop is on every request's path and the proxy needs the raw bytes: the
-request target passes byte for byte, repeated headers keep their order,
-bodies are never decoded or decompressed, and the response framing is known
+this hop is on every request's path and the proxy needs the raw bytes. The
+request target passes byte for byte, repeated headers keep their order, and
+bodies are never decoded or decompressed. The response framing is known
 exactly, so a response cut short by the app is distinguished from a complete one.
 
 Connections to an app that keeps them alive are reused from a small
@@ -306,7 +306,7 @@ class ConnectionPool:
         self._closed = False
         self._preconnect = preconnect
         # Set once the app has closed a connection after a complete response,
-        # which tells that the next request would need a new connection.
+        # which shows that the next request would need a new connection.
         self._app_closes_connections = False
         self._connecting: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -335,7 +335,7 @@ class ConnectionPool:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 return await self._open()
         except TimeoutError as exc:
-            raise self._refused("connect timed out") from exc
+            raise self._not_accepting("connect timed out") from exc
 
     async def _open(self) -> _Connection:
         loop = self.loop
@@ -344,11 +344,11 @@ class ConnectionPool:
                 lambda: _Connection(loop), self.upstream.host, self.upstream.port
             )
         except OSError as exc:
-            raise self._refused(str(exc)) from exc
+            raise self._not_accepting(str(exc)) from exc
         return connection
 
-    def _refused(self, why: str) -> UpstreamRefused:
-        return UpstreamRefused(f"the app is not accepting connections on port {self.upstream.port}: {why}")
+    def _not_accepting(self, reason: str) -> UpstreamRefused:
+        return UpstreamRefused(f"the app is not accepting connections on port {self.upstream.port}: {reason}")
 
     def put(self, connection: _Connection) -> None:
         if self._closed or len(self._idle) >= POOL_MAX_IDLE or not connection.is_usable():
@@ -380,7 +380,8 @@ class ConnectionPool:
             return
         loop = self.loop
         task = self._connecting = loop.create_task(self._connect_spare())
-        # A timer, not asyncio.timeout() in the task, which costs more for a connect that happens on every request.
+        # A timer, not asyncio.timeout() in the task, which costs more: with an app that closes
+        # connections, this connect runs once per request.
         timer = loop.call_later(CONNECT_TIMEOUT_S, task.cancel)
         task.add_done_callback(lambda _: timer.cancel())
 
