@@ -16,6 +16,11 @@ class WriteFlowControl:
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
+    @property
+    def paused(self) -> bool:
+        """Whether the transport's write buffer is over its high-water mark."""
+        return self._write_paused
+
     def pause_writing(self) -> None:
         self._write_paused = True
 

@@ -37,8 +37,8 @@ from floydd.errors import FloyddError
 from floydd.flow import WriteFlowControl
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, log_aborted, new_request_id, response_end_to_end, server_timing, upstream_headers
-from floydd.queue import QueueRegistry
-from floydd.upstream import UpstreamResponse
+from floydd.queue import Admission, JobQueue, QueueRegistry
+from floydd.upstream import POOL_IDLE_TIMEOUT_S, AppConnection, UpstreamResponse, request_head
 
 log = structlog.get_logger(__name__)
 
@@ -123,6 +123,7 @@ class FastRequest:
         "complete",
         "version",
         "keep_alive",
+        "queue",
         "parser",
     )
 
@@ -137,6 +138,7 @@ class FastRequest:
         self.complete = False
         self.version = ""
         self.keep_alive = False
+        self.queue: JobQueue | None = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -163,6 +165,10 @@ class FrontConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._task: asyncio.Task[None] | None = None
+        # The request in flight when callbacks alone serve it (_Lane), instead of a task.
+        self._lane: _Lane | None = None
+        # Set while shutdown waits for the lane's request to end.
+        self._lane_ended: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._flow = WriteFlowControl()
         self._read_paused = False
@@ -187,7 +193,7 @@ class FrontConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if self._task is None:
+        if self._task is None and self._lane is None:
             self._next_request()
         elif len(self._buffer) > PIPELINE_BUFFER_BYTES and self._transport is not None:
             self._read_paused = True
@@ -196,9 +202,12 @@ class FrontConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self._cancel_idle_timer()
+        # Like aiohttp's handler_cancellation: the request leaves the queue or breaks off the app's exchange.
         if self._task is not None:
-            # Like aiohttp's handler_cancellation: the request leaves the queue or breaks off the app's exchange.
             self._task.cancel()
+        if self._lane is not None:
+            self._lane.cancel()
+            self._end_lane()
         self._flow.fail_drain(ConnectionResetError("the client closed the connection"))
 
     def pause_writing(self) -> None:
@@ -240,13 +249,18 @@ class FrontConnection(asyncio.Protocol):
 
         An idle connection is left to close by itself, since it may still be sending its last response.
         """
-        if self._task is None:
+        if self._task is None and self._lane is None:
             return False
         self.abort()
         return True
 
-    def close_when_idle(self) -> asyncio.Task[None] | None:
-        """Close the connection now if no request is in flight, else after it; return the request's task."""
+    def close_when_idle(self) -> asyncio.Future[None] | None:
+        """Close the connection now if no request is in flight, else after it; return what ends with the request."""
+        if self._lane is not None:
+            self._close_when_idle = True
+            if self._lane_ended is None:
+                self._lane_ended = self._loop.create_future()
+            return self._lane_ended
         if self._task is None:
             if self._transport is not None:
                 self._transport.close()
@@ -279,7 +293,22 @@ class FrontConnection(asyncio.Protocol):
         del buffer[: end + 4]
         self._cancel_idle_timer()
         self._response_started = False
-        self._task = self._loop.create_task(self._serve(request))
+        if not self._start_lane(request):
+            self._task = self._loop.create_task(self._serve(request))
+
+    def _start_lane(self, request: FastRequest) -> bool:
+        """Serve the request from callbacks alone if it can go to the app at once; return whether it does."""
+        queue = request.queue
+        if queue is None or not queue.can_admit_now():
+            return False
+        pool = queue.pool
+        assert pool is not None
+        connection = pool.take(POOL_IDLE_TIMEOUT_S)
+        if connection is None:
+            return False
+        lane = self._lane = _Lane(self._server, self, request, queue, queue.admit_now(), connection)
+        lane.start()
+        return True
 
     def _parse(self, head: bytes) -> FastRequest | None:
         """Return the request if the fast path may serve it, or None to hand the connection to aiohttp."""
@@ -325,12 +354,12 @@ class FrontConnection(asyncio.Protocol):
         if not url.startswith(EXPOSE_PREFIX) or b"%" in url or b"#" in url:
             return False
         request.job_id = _job_id(url)
-        queue = self._server.queues.get(request.job_id)
+        queue = request.queue = self._server.queues.get(request.job_id)
         return queue is not None and queue.public
 
-    async def _serve(self, request: FastRequest) -> None:
+    async def _serve(self, request: FastRequest, lane: _Lane | None = None) -> None:
         try:
-            await serve_fast(self._server, self, request)
+            await serve_fast(self._server, self, request, lane)
         except (asyncio.CancelledError, ConnectionResetError):
             # The client left; the exchange has been broken off.
             return
@@ -340,6 +369,52 @@ class FrontConnection(asyncio.Protocol):
             return
         finally:
             self._task = None
+        self._request_done(request)
+
+    def lane_handed_over(self, request: FastRequest, lane: _Lane) -> None:
+        """Continue a lane's request in a task, which takes over the exchange with the app."""
+        task = self._task = self._loop.create_task(self._serve(request, lane))
+        # A task cancelled before its first step never runs serve_fast, which would release the slot.
+        task.add_done_callback(lane.release_if_task_never_ran)
+        self._end_lane(task)
+
+    def lane_done(self, request: FastRequest) -> None:
+        """End a lane's request once its response is written, as `_serve` ends a task's."""
+        if self._flow.paused:
+            # Like the task path, which awaits the drain: no next request until the client takes this response.
+            self._task = self._loop.create_task(self._drain_then_done(request))
+            self._end_lane(self._task)
+            return
+        self._end_lane()
+        self._request_done(request)
+
+    async def _drain_then_done(self, request: FastRequest) -> None:
+        try:
+            await self.drain()
+        except ConnectionResetError:
+            return
+        finally:
+            self._task = None
+        self._request_done(request)
+
+    def fail_lane(self, request: FastRequest) -> None:
+        """End a lane that raised an unexpected exception, as `_serve` ends a crashed task."""
+        self._end_lane()
+        self._fail_internal(request)
+
+    def _end_lane(self, successor: asyncio.Task[None] | None = None) -> None:
+        """Forget the lane; a shutdown waiting for it waits for `successor` instead, if the request goes on there."""
+        self._lane = None
+        ended = self._lane_ended
+        if ended is None:
+            return
+        self._lane_ended = None
+        if successor is not None:
+            successor.add_done_callback(lambda _: _resolve(ended))
+        else:
+            _resolve(ended)
+
+    def _request_done(self, request: FastRequest) -> None:
         if self._transport is None or self._transport.is_closing():
             return
         if self._close_when_idle or not request.keep_alive:
@@ -394,8 +469,13 @@ class FrontConnection(asyncio.Protocol):
 
     def _close_idle(self) -> None:
         self._idle_timer = None
-        if self._task is None and self._transport is not None:
+        if self._task is None and self._lane is None and self._transport is not None:
             self._transport.close()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _job_id(url: bytes) -> str:
@@ -413,32 +493,40 @@ def _upstream_target(url: bytes, job_id: str) -> bytes:
     return rest if rest.startswith(b"/") else b"/" + rest
 
 
-async def serve_fast(server: FrontServer, client: FrontConnection, request: FastRequest) -> None:
-    """Queue a fast-path request, relay the app's response, or send floydd's JSON error."""
+async def serve_fast(
+    server: FrontServer, client: FrontConnection, request: FastRequest, lane: _Lane | None = None
+) -> None:
+    """Queue a fast-path request, relay the app's response, or send floydd's JSON error.
+
+    With `lane`, the request has been admitted and sent to the app by a
+    `_Lane`, and this call takes over the exchange where the lane left it.
+    """
     job_id = request.job_id
-    request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
-    queue = server.queues.get(job_id)
+    queue = server.queues.get(job_id) if lane is None else lane.queue
     proxy = server.proxy
-    server.metrics.fast_path()
     status = 0
     try:
-        if queue is None:
-            raise await proxy.not_serving(job_id)
-        # Built before the request waits, so that its turn starts with the write to the app.
-        headers = upstream_headers(
-            request.headers,
-            peer=client.peer,
-            host=request.host,
-            scheme=b"http",
-            job_id=job_id,
-            request_id=request_id,
-        )
-        target = _upstream_target(request.url, job_id)
-        relay = _FastRelay(client, request, job_id, request_id)
-        admission = await queue.admit(proxy.settings.queue_timeout_s)
-        try:
+        if lane is None:
+            server.metrics.fast_path()
+            request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
+            if queue is None:
+                raise await proxy.not_serving(job_id)
+            # Built before the request waits, so that its turn starts with the write to the app.
+            headers = _upstream_headers(client, request, request_id)
+            target = _upstream_target(request.url, job_id)
+            admission = await queue.admit(proxy.settings.queue_timeout_s)
             server.metrics.admitted(job_id, admission.queued_s)
-            await proxy.exchange(relay, admission, job_id, request.method, target, headers, None, None, client.task)
+            sent, sent_at = None, None
+        else:
+            lane.task_started = True
+            request_id, headers, target = lane.request_id, lane.headers, lane.target
+            admission, sent, sent_at = lane.admission, lane.connection, lane.sent_at
+        assert queue is not None
+        relay = _FastRelay(client, request, job_id, request_id)
+        try:
+            await proxy.exchange(
+                relay, admission, job_id, request.method, target, headers, None, None, client.task, sent, sent_at
+            )
             status = relay.status
         finally:
             queue.release(admission)
@@ -452,6 +540,190 @@ async def serve_fast(server: FrontServer, client: FrontConnection, request: Fast
             server.metrics.unrouted(exc)
     if queue is not None and status:
         server.metrics.answered(job_id, status)
+
+
+def _upstream_headers(client: FrontConnection, request: FastRequest, request_id: str) -> list[tuple[bytes, bytes]]:
+    return upstream_headers(
+        request.headers,
+        peer=client.peer,
+        host=request.host,
+        scheme=b"http",
+        job_id=request.job_id,
+        request_id=request_id,
+    )
+
+
+class _Lane:
+    """One fast-path request served from callbacks alone, without a task, while all goes as usual.
+
+    At one client a task per request, with its awaits and wake-ups, costs as
+    much CPU as the rest of the proxy (docs/benchmarks.md). A lane starts
+    only when the job's queue has a free slot and its pool a ready
+    connection; it writes the request at once and answers from the app
+    connection's read callback once a small response is complete. Anything
+    else (a large or streamed body, a closed or broken connection, a timer,
+    the job's end) hands the exchange to a task running `serve_fast`,
+    which handles it exactly as if it had sent the request itself.
+    """
+
+    __slots__ = (
+        "server",
+        "client",
+        "request",
+        "queue",
+        "admission",
+        "connection",
+        "message",
+        "request_id",
+        "headers",
+        "target",
+        "sent_at",
+        "head",
+        "timer",
+        "ended",
+        "task_started",
+    )
+
+    def __init__(
+        self,
+        server: FrontServer,
+        client: FrontConnection,
+        request: FastRequest,
+        queue: JobQueue,
+        admission: Admission,
+        connection: AppConnection,
+    ) -> None:
+        self.server = server
+        self.client = client
+        self.request = request
+        self.queue = queue
+        self.admission = admission
+        self.connection = connection
+        self.request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
+        self.headers = _upstream_headers(client, request, self.request_id)
+        self.target = _upstream_target(request.url, request.job_id)
+        self.message = connection.begin()
+        self.sent_at = 0.0
+        # The response head for the client, once the app's head has arrived and the body is small.
+        self.head = b""
+        self.timer: asyncio.TimerHandle | None = None
+        # Set once the lane has answered, handed over or been cancelled.
+        self.ended = False
+        # Set by serve_fast when the task that takes over the exchange starts.
+        self.task_started = False
+
+    def start(self) -> None:
+        server = self.server
+        request = self.request
+        connection = self.connection
+        connection.listener = self._on_app_event
+        self.sent_at = time.monotonic()
+        connection.write(request_head(request.method, self.target, self.headers, False, None))
+        self.admission.pool.open_spare()
+        settings = server.proxy.settings
+        # One timer for both limits; the task that takes over applies each exactly.
+        limit_s = min(settings.response_timeout_s, settings.total_timeout_s)
+        self.timer = connection.loop.call_later(limit_s, self._on_app_event_timer)
+        self.admission.on_job_end(self._job_ended)
+        server.metrics.fast_path()
+        server.metrics.admitted(request.job_id, 0.0)
+
+    def release_if_task_never_ran(self, task: asyncio.Task[None]) -> None:
+        """Give back the slot and the connection of a hand-over whose task never ran serve_fast."""
+        if not self.task_started:
+            self.connection.abort()
+            self.queue.release(self.admission)
+
+    def cancel(self) -> None:
+        """Break off the exchange because the client left or the lane failed."""
+        if self.ended:
+            return
+        self._detach()
+        self.connection.abort()
+        self.queue.release(self.admission)
+
+    def _on_app_event(self) -> None:
+        try:
+            self._advance()
+        except ConnectionResetError:
+            # The client closed its connection; connection_lost has not run yet.
+            self.cancel()
+        except Exception:
+            log.exception("proxy_request_crashed", path=self.request.url.decode("latin-1"), method=self.request.method)
+            self.cancel()
+            self.client.fail_lane(self.request)
+
+    def _on_app_event_timer(self) -> None:
+        self.timer = None
+        self._hand_over()
+
+    def _advance(self) -> None:
+        """Act on what the app connection now holds: wait, answer, or hand over to a task."""
+        connection = self.connection
+        message = self.message
+        if connection.error is not None or message.upgrade:
+            self._hand_over()
+            return
+        if not message.headers_complete:
+            if connection.eof:
+                self._hand_over()
+            return
+        if not self.head and not self._prepare_head():
+            self._hand_over()
+            return
+        if self.request.method == "HEAD":
+            # The parser cannot know the request was HEAD, so it may wait for a body that never comes.
+            message.complete = not message.body
+        if message.complete:
+            self._finish()
+        elif connection.eof:
+            self._hand_over()
+
+    def _prepare_head(self) -> bool:
+        """Build the client's response head; return False if the body is not small enough to hold back."""
+        message = self.message
+        request = self.request
+        timing = server_timing(0.0, message.head_at - self.sent_at)
+        close = self.client.closing or not request.keep_alive
+        head, framing, length = response_head(
+            message.status, message.reason, message.headers, request.method, self.request_id, timing, close=close
+        )
+        if not coalesced(framing, length):
+            return False
+        self.head = head
+        return True
+
+    def _finish(self) -> None:
+        message = self.message
+        body = message.body
+        message.body = []
+        # Raises ConnectionResetError if the client has gone, which cancels the lane.
+        self.client.write(b"".join([self.head, *body]))
+        self._detach()
+        self.admission.pool.finish(self.connection, message)
+        self.queue.release(self.admission)
+        metrics = self.server.metrics
+        job_id = self.request.job_id
+        metrics.app_started(job_id, message.head_at - self.sent_at)
+        metrics.answered(job_id, message.status)
+        self.client.lane_done(self.request)
+
+    def _hand_over(self) -> None:
+        self._detach()
+        self.client.lane_handed_over(self.request, self)
+
+    def _job_ended(self) -> None:
+        # The task that takes over answers with the job's final state, as for a request it sent itself.
+        self.connection.abort()
+        self._hand_over()
+
+    def _detach(self) -> None:
+        self.ended = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.connection.listener = None
+        self.admission.on_job_end(None)
 
 
 class _FastRelay:
@@ -479,9 +751,17 @@ class _FastRelay:
         client = self._client
         timing = server_timing(queued_s, app_s)
         close = client.closing or not request.keep_alive
-        head, framing, length = response_head(upstream, request.method, self.request_id, timing, close=close)
+        head, framing, length = response_head(
+            upstream.status,
+            upstream.reason.encode("latin-1"),
+            upstream.headers,
+            request.method,
+            self.request_id,
+            timing,
+            close=close,
+        )
         self.status = upstream.status
-        if framing == "empty" or (framing == "length" and length is not None and length <= COALESCE_BYTES):
+        if coalesced(framing, length):
             # A small body of known length: the whole response goes out in one write once it has arrived.
             body = [chunk async for chunk in upstream.iter_body()]
             self._started = True
@@ -508,8 +788,20 @@ class _FastRelay:
         self._client.abort()
 
 
+def coalesced(framing: str, length: int | None) -> bool:
+    """Whether a response goes out in one write once complete: no body, or a small one of known length."""
+    return framing == "empty" or (framing == "length" and length is not None and length <= COALESCE_BYTES)
+
+
 def response_head(
-    upstream: UpstreamResponse, method: str, request_id: str, timing: str, *, close: bool
+    status: int,
+    reason: bytes,
+    headers: list[tuple[bytes, bytes]],
+    method: str,
+    request_id: str,
+    timing: str,
+    *,
+    close: bool,
 ) -> tuple[bytes, str, int | None]:
     """Return the head sent to the client, its framing ("length", "chunked" or "empty") and its Content-Length.
 
@@ -519,10 +811,9 @@ def response_head(
     as the app sent them because llhttp has already rejected a value with a
     bare CR or LF, obsolete line folding or NUL.
     """
-    status = upstream.status
-    reason = upstream.reason or _reason_phrase(status)
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
-    end_to_end, content_length = response_end_to_end(upstream.headers)
+    phrase = reason or _reason_phrase(status).encode("latin-1")
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
+    end_to_end, content_length = response_end_to_end(headers)
     seen: set[bytes] = set()
     for name, value in end_to_end:
         seen.add(name.lower())

@@ -37,7 +37,7 @@ from floydd.queue import Admission, JobQueue, QueueRegistry
 from floydd.request_body import RequestBody, read_chunked_body, stream_body
 from floydd.store import JobStore
 from floydd.tunnel import is_websocket_upgrade, tunnel_websocket
-from floydd.upstream import UpstreamBroken, UpstreamResponse, send_request
+from floydd.upstream import AppConnection, UpstreamBroken, UpstreamResponse, send_request
 
 log = structlog.get_logger(__name__)
 
@@ -303,18 +303,29 @@ class Proxy:
         body: AsyncIterator[bytes] | None,
         content_length: int | None,
         task: asyncio.Task[Any],
+        sent: AppConnection | None = None,
+        sent_at: float | None = None,
     ) -> None:
         """Send an admitted request to the app and relay its response to the client.
 
         `task` is the task that runs this call. Raises FloyddError when no byte
         of a response has reached the client yet; later failures abort the
-        client's connection instead.
+        client's connection instead. `sent` and `sent_at` take over an
+        exchange already begun on that connection (floydd.upstream.send_request).
         """
+        if admission.ended is not None:
+            # The job ended before this task took over the exchange.
+            if sent is not None:
+                sent.abort()
+            relay.fail(_job_ended(job_id, admission.ended))
+            return
         # The supervisor closes the queue when the job ends; cancelling breaks off whatever this request awaits.
         admission.on_job_end(task.cancel)
-        started = time.monotonic()
+        started = time.monotonic() if sent_at is None else sent_at
         # A timer that cancels the task, not asyncio.timeout(), which costs more on every request.
-        total_timer = admission.pool.loop.call_later(self._settings.total_timeout_s, relay.time_out, task)
+        total_timer = admission.pool.loop.call_later(
+            max(0.0, started + self._settings.total_timeout_s - time.monotonic()), relay.time_out, task
+        )
         upstream: UpstreamResponse | None = None
         try:
             upstream = await send_request(
@@ -325,8 +336,10 @@ class Proxy:
                 body,
                 content_length=content_length,
                 response_timeout_s=self._settings.response_timeout_s,
+                sent=sent,
+                sent_at=sent_at,
             )
-            app_s = time.monotonic() - started
+            app_s = upstream.head_at - started
             self._metrics.app_started(job_id, app_s)
             await relay.send(upstream, admission.queued_s, app_s)
         except asyncio.CancelledError:

@@ -163,6 +163,29 @@ class JobQueue:
         ahead = self.depth + self.in_flight
         return max(1, math.ceil(ahead * self._service_s / self.concurrency))
 
+    @property
+    def pool(self) -> ConnectionPool | None:
+        """The app's connection pool, once the app accepts connections."""
+        return self._pool
+
+    def can_admit_now(self) -> bool:
+        """Return whether a request would be admitted at once, without waiting."""
+        return (
+            self._closed is None
+            and self._pool is not None
+            and not self._held
+            and self._busy < self.concurrency
+            and not self._waiters
+        )
+
+    def admit_now(self) -> Admission:
+        """Take a slot without waiting. Call it only right after `can_admit_now()` returned True."""
+        assert self._pool is not None and self.can_admit_now(), "admit_now() without a free slot"
+        self._busy += 1
+        admission = Admission(self._pool, 0.0)
+        self._admitted.add(admission)
+        return admission
+
     async def admit(self, timeout_s: float) -> Admission:
         """Wait for this request's turn and take a slot, which `release()` gives back."""
         started = time.monotonic()
@@ -188,7 +211,8 @@ class JobQueue:
     async def _acquire(self, timeout_s: float) -> ConnectionPool:
         if self._closed is not None:
             raise self._closed
-        if self._pool is not None and not self._held and self._busy < self.concurrency and not self._waiters:
+        if self.can_admit_now():
+            assert self._pool is not None
             self._busy += 1
             return self._pool
         if len(self._waiters) >= self.max_depth:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -90,6 +90,7 @@ class _Message:
         "upgrade_tail",
         "body",
         "body_bytes",
+        "head_at",
         "parser",
     )
 
@@ -105,6 +106,8 @@ class _Message:
         self.upgrade_tail = b""
         self.body: list[bytes] = []
         self.body_bytes = 0
+        # time.monotonic() when the head was complete.
+        self.head_at = 0.0
         self.parser = httptools.HttpResponseParser(self)
 
     def on_status(self, status: bytes) -> None:
@@ -117,6 +120,7 @@ class _Message:
         self.status = self.parser.get_status_code()
         if not _is_interim(self.status):
             self.headers_complete = True
+            self.head_at = time.monotonic()
             # Read here: llhttp resets these flags once the message is complete.
             self.keep_alive = self.parser.get_http_version() == "1.1" and bool(self.parser.should_keep_alive())
 
@@ -138,11 +142,13 @@ def _is_interim(status: int) -> bool:
     return 100 <= status < 200 and status != 101
 
 
-class _Connection(asyncio.Protocol):
+class AppConnection(asyncio.Protocol):
     """One TCP connection to the app, which parses each response as its bytes arrive.
 
     The task that sent a request waits in `wait()` and is woken when bytes,
-    the end of the connection, or an error arrive.
+    the end of the connection, or an error arrive. Instead of a task, a
+    `listener` callback may take these events, for an exchange driven from
+    callbacks alone (floydd.front).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -157,6 +163,7 @@ class _Connection(asyncio.Protocol):
         self.error: BadGateway | None = None
         self.lost: Exception | None = None
         self.head_timed_out = False
+        self.listener: Callable[[], None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._flow = WriteFlowControl()
         self._read_paused = False
@@ -278,6 +285,10 @@ class _Connection(asyncio.Protocol):
         return reader, writer
 
     def _wake(self) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -302,7 +313,7 @@ class ConnectionPool:
 
     def __init__(self, upstream: Upstream, *, preconnect: bool = True) -> None:
         self.upstream = upstream
-        self._idle: list[_Connection] = []
+        self._idle: list[AppConnection] = []
         self._closed = False
         self._preconnect = preconnect
         # Set once the app has closed a connection after a complete response,
@@ -319,7 +330,7 @@ class ConnectionPool:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def take(self, max_idle_s: float) -> _Connection | None:
+    def take(self, max_idle_s: float) -> AppConnection | None:
         """Return an idle connection used less than `max_idle_s` ago, closing stale ones."""
         now = time.monotonic()
         while self._idle:
@@ -329,7 +340,7 @@ class ConnectionPool:
             connection.abort()
         return None
 
-    async def connect(self) -> _Connection:
+    async def connect(self) -> AppConnection:
         """Open a connection to the app, or raise UpstreamRefused after at most CONNECT_TIMEOUT_S."""
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
@@ -337,11 +348,11 @@ class ConnectionPool:
         except TimeoutError as exc:
             raise self._not_accepting("connect timed out") from exc
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> AppConnection:
         loop = self.loop
         try:
             _, connection = await loop.create_connection(
-                lambda: _Connection(loop), self.upstream.host, self.upstream.port
+                lambda: AppConnection(loop), self.upstream.host, self.upstream.port
             )
         except OSError as exc:
             raise self._not_accepting(str(exc)) from exc
@@ -350,7 +361,7 @@ class ConnectionPool:
     def _not_accepting(self, reason: str) -> UpstreamRefused:
         return UpstreamRefused(f"the app is not accepting connections on port {self.upstream.port}: {reason}")
 
-    def put(self, connection: _Connection) -> None:
+    def put(self, connection: AppConnection) -> None:
         if self._closed or len(self._idle) >= POOL_MAX_IDLE or not connection.is_usable():
             connection.abort()
             return
@@ -358,7 +369,14 @@ class ConnectionPool:
         self._idle.append(connection)
         self._schedule_expiry()
 
-    def discard(self, connection: _Connection, *, closed_by_app: bool) -> None:
+    def finish(self, connection: AppConnection, message: _Message, *, body_sent: bool = True) -> None:
+        """Keep the connection of an ended exchange for the next request if it is clean, else close it."""
+        if body_sent and message.complete and _reusable(message):
+            self.put(connection)
+        else:
+            self.discard(connection, closed_by_app=body_sent and message.complete and not message.keep_alive)
+
+    def discard(self, connection: AppConnection, *, closed_by_app: bool) -> None:
         """Close a connection that cannot be reused.
 
         `closed_by_app` marks a complete response after which the app did not
@@ -432,7 +450,7 @@ class UpstreamResponse:
     def __init__(
         self,
         message: _Message,
-        connection: _Connection,
+        connection: AppConnection,
         pool: ConnectionPool,
         sender: asyncio.Task[bool] | None,
         bodyless: bool,
@@ -446,6 +464,7 @@ class UpstreamResponse:
         self.status = message.status
         self.reason = message.reason.decode("latin-1")
         self.headers = message.headers
+        self.head_at = message.head_at
         if bodyless:
             # The parser cannot know the request was HEAD, so it may wait for a body that never comes.
             message.complete = not message.body
@@ -514,14 +533,12 @@ class UpstreamResponse:
                 with contextlib.suppress(BaseException):
                     await sender
         finally:
-            if body_sent and message.complete and self._reusable():
-                self._pool.put(self._connection)
-            else:
-                closed_by_app = body_sent and message.complete and not message.keep_alive
-                self._pool.discard(self._connection, closed_by_app=closed_by_app)
+            self._pool.finish(self._connection, message, body_sent=body_sent)
 
-    def _reusable(self) -> bool:
-        return self._message.keep_alive and not self._message.upgrade and not self._message.body
+
+def _reusable(message: _Message) -> bool:
+    """Whether a connection may carry another exchange after this response, all of whose body was read."""
+    return message.keep_alive and not message.upgrade and not message.body
 
 
 async def send_request(
@@ -533,6 +550,8 @@ async def send_request(
     *,
     content_length: int | None,
     response_timeout_s: float,
+    sent: AppConnection | None = None,
+    sent_at: float | None = None,
 ) -> UpstreamResponse:
     """Send a request to the app and return once the response head has arrived.
 
@@ -541,41 +560,57 @@ async def send_request(
     A request that found its pooled connection closed by the app is sent
     again on a new connection when that is safe: an idempotent method, no
     body, and no byte of a response received.
+
+    `sent` is a pooled connection on which the caller has already begun the
+    exchange and written the same head, at `sent_at` (time.monotonic()).
+    This call then waits for its response, within the time left.
     """
     retryable = method in IDEMPOTENT_METHODS and body is None
-    connection = pool.take(POOL_IDLE_TIMEOUT_S if retryable else UNSAFE_REUSE_IDLE_S)
-    head = _request_head(method, target, headers, body is not None, content_length)
+    head = request_head(method, target, headers, body is not None, content_length)
+    deadline = (time.monotonic() if sent_at is None else sent_at) + response_timeout_s
+    connection = sent
+    if connection is None:
+        connection = pool.take(POOL_IDLE_TIMEOUT_S if retryable else UNSAFE_REUSE_IDLE_S)
+        if connection is not None:
+            pool.open_spare()
     if connection is not None:
-        pool.open_spare()
         try:
-            return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s)
+            return await _exchange(
+                pool, connection, method, head, body, content_length, response_timeout_s, deadline, sent is not None
+            )
         except _ClosedBeforeResponse:
             if not retryable:
                 raise
     connection = await pool.connect()
     pool.open_spare()
-    return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s)
+    return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s, deadline)
 
 
 async def _exchange(
     pool: ConnectionPool,
-    connection: _Connection,
+    connection: AppConnection,
     method: str,
     head: bytes,
     body: AsyncIterator[bytes] | None,
     content_length: int | None,
     response_timeout_s: float,
+    deadline: float,
+    written: bool = False,
 ) -> UpstreamResponse:
     chunked = body is not None and content_length is None
     sender: asyncio.Task[bool] | None = None
-    message = connection.begin()
+    message = connection.message if written else None
+    if message is None:
+        message = connection.begin()
+        written = False
     try:
-        connection.write(head)
+        if not written:
+            connection.write(head)
         if body is not None:
             # The body goes out while the response is awaited, because an app
             # may answer (413, 400) before it has read the whole body.
             sender = asyncio.create_task(_send_body(connection, body, chunked=chunked))
-        await _read_head(connection, message, sender, response_timeout_s)
+        await _read_head(connection, message, sender, response_timeout_s, deadline)
     except BaseException:
         await _abandon(connection, sender)
         raise
@@ -583,7 +618,7 @@ async def _exchange(
     return UpstreamResponse(message, connection, pool, sender, bodyless)
 
 
-def _request_head(
+def request_head(
     method: str, target: bytes, headers: list[tuple[bytes, bytes]], has_body: bool, content_length: int | None
 ) -> bytes:
     parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
@@ -597,7 +632,7 @@ def _request_head(
     return b"".join(parts)
 
 
-async def _send_body(connection: _Connection, body: AsyncIterator[bytes], *, chunked: bool) -> bool:
+async def _send_body(connection: AppConnection, body: AsyncIterator[bytes], *, chunked: bool) -> bool:
     """Send the body; return whether all of it was sent."""
     try:
         async for chunk in body:
@@ -620,10 +655,14 @@ async def _send_body(connection: _Connection, body: AsyncIterator[bytes], *, chu
 
 
 async def _read_head(
-    connection: _Connection, message: _Message, sender: asyncio.Task[bool] | None, response_timeout_s: float
+    connection: AppConnection,
+    message: _Message,
+    sender: asyncio.Task[bool] | None,
+    response_timeout_s: float,
+    deadline: float,
 ) -> None:
-    """Wait for the response head, for at most `response_timeout_s`."""
-    timer = connection.loop.call_later(response_timeout_s, connection.time_out_head)
+    """Wait for the response head until `deadline` (time.monotonic()), `response_timeout_s` after the request."""
+    timer = connection.loop.call_later(max(0.0, deadline - time.monotonic()), connection.time_out_head)
     try:
         while not message.headers_complete:
             if connection.error is not None:
@@ -642,7 +681,7 @@ async def _read_head(
         raise BadGateway(f"sending the request body to the app failed: {sender.exception()}")
 
 
-def _closed_before_head(connection: _Connection) -> BadGateway:
+def _closed_before_head(connection: AppConnection) -> BadGateway:
     lost = connection.lost
     if not connection.received:
         if lost is not None:
@@ -653,7 +692,7 @@ def _closed_before_head(connection: _Connection) -> BadGateway:
     return BadGateway("the app closed the connection in the middle of the response head")
 
 
-async def _abandon(connection: _Connection, sender: asyncio.Task[bool] | None) -> None:
+async def _abandon(connection: AppConnection, sender: asyncio.Task[bool] | None) -> None:
     if sender is not None and not sender.done():
         sender.cancel()
         with contextlib.suppress(BaseException):
@@ -666,5 +705,6 @@ async def send_upgrade(
 ) -> UpstreamResponse:
     """Send a GET with `Upgrade` on a new connection, which is never pooled afterwards."""
     connection = await pool.connect()
-    head = _request_head("GET", target, headers, False, None)
-    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s)
+    head = request_head("GET", target, headers, False, None)
+    deadline = time.monotonic() + response_timeout_s
+    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s, deadline)

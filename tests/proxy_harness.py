@@ -85,6 +85,7 @@ class ProxyUnderTest:
     store: JobStore
     # Sent as a bearer token, it reads /metrics.
     admin_token: str
+    front: FrontServer
 
     def path(self, tail: str = "/") -> str:
         return f"/expose/{self.job_id}{tail}"
@@ -131,7 +132,7 @@ async def running_proxy(
     server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield ProxyUnderTest(f"http://127.0.0.1:{port}", job.id, queue, queues, store, admin_token)
+        yield ProxyUnderTest(f"http://127.0.0.1:{port}", job.id, queue, queues, store, admin_token, front)
     finally:
         server.close()
         await front.shutdown(1.0)

@@ -593,3 +593,127 @@ async def test_app_cannot_inject_headers(tmp_path: Path, header: bytes) -> None:
     head = raw.split(b"\r\n\r\n", 1)[0]
     assert b"\r\ninjected:" not in head.lower()
     assert raw.split(b" ")[1] == b"502"
+
+
+async def scripted_keepalive_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A keep-alive app whose response to each request depends on its path."""
+    while True:
+        head, _ = await read_request(reader)
+        method, target = head.split(b" ")[:2]
+        if target.endswith(b"/split"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"late")
+        elif target.endswith(b"/large"):
+            writer.write(http_response(b"x" * 100_000))
+        elif target.endswith(b"/stall"):
+            await asyncio.sleep(30)
+        elif target.endswith(b"/stall-body"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(30)
+        elif target.endswith(b"/die"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            await writer.drain()
+            writer.transport.abort()
+            return
+        elif method == b"HEAD":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        else:
+            writer.write(http_response(b"warm"))
+        await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("method", "tail", "settings", "status", "expected", "connections"),
+    [
+        ("GET", "/split", {}, 200, b"late", 1),
+        ("GET", "/large", {}, 200, b"x" * 100_000, 1),
+        ("HEAD", "/head", {}, 200, b"", 1),
+        ("GET", "/stall", {"response_timeout_s": 0.3}, 504, b"response_timeout_s", 2),
+        ("GET", "/stall-body", {"total_timeout_s": 0.3}, 504, b"total_timeout_s", 2),
+        ("GET", "/die", {}, 502, b"bad_gateway", 2),
+    ],
+    ids=["head-then-body", "large-body", "head-method", "no-head", "no-body", "cut-off"],
+)
+async def test_request_on_pooled_connection(
+    tmp_path: Path,
+    method: str,
+    tail: str,
+    settings: dict[str, float],
+    status: int,
+    expected: bytes,
+    connections: int,
+) -> None:
+    """A request with a free slot and a pooled connection is served from callbacks. Any fault hands it to a task."""
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port, **settings) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            assert await warm.read() == b"warm"
+        # Well below the default timeouts, after which a stuck exchange would be handed on and still succeed.
+        async with client.request(
+            method, proxy.url + proxy.path(tail), timeout=aiohttp.ClientTimeout(total=5)
+        ) as response:
+            body = await response.read()
+            assert response.status == status
+            assert response.headers["X-Request-ID"]
+            if status == 200:
+                assert body == expected
+                assert response.headers["Content-Length"] == str(len(expected) or 5)
+            else:
+                assert expected in body
+        # The slot is free again and the pool still works.
+        async with client.get(proxy.url + proxy.path("/warm")) as after:
+            assert await after.read() == b"warm"
+        assert proxy.queue.in_flight == 0
+    assert upstream.connections == connections
+
+
+async def test_job_end_on_pooled_connection(tmp_path: Path) -> None:
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        call = asyncio.create_task(client.get(proxy.url + proxy.path("/stall")))
+        await asyncio.sleep(0.2)
+        ended = JobNotServing("job is stopped, not serving", state="stopped", reason="stopped by a user")
+        proxy.queues.remove(proxy.job_id, ended)
+        async with asyncio.timeout(2):
+            response = await call
+        body = await response.json()
+        response.release()
+    assert response.status == 502
+    assert body["error"] == "job_ended"
+    assert body["state"] == "stopped"
+
+
+async def test_client_leaving_pooled_request_frees_slot(tmp_path: Path) -> None:
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        with pytest.raises(TimeoutError):
+            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.3)):
+                pass
+        # A slot still held would keep this request waiting past its timeout.
+        async with client.get(proxy.url + proxy.path("/warm"), timeout=aiohttp.ClientTimeout(total=5)) as after:
+            assert await after.read() == b"warm"
+        assert proxy.queue.in_flight == 0
+    # The stalled exchange was broken off, so the last request needed a new connection.
+    assert upstream.connections == 2
+
+
+async def test_shutdown_lets_pooled_request_finish(tmp_path: Path) -> None:
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        # A keep-alive request, so the connection closes only because floydd stops.
+        request = f"GET {proxy.path('/split')} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+        call = asyncio.create_task(raw_exchange(proxy.url, request))
+        await asyncio.sleep(0.1)
+        await proxy.front.shutdown(2.0)
+        raw = await call
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert raw.endswith(b"\r\n\r\nlate")
