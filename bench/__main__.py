@@ -129,6 +129,7 @@ class Bench:
             say(f"job {self.job_id} on 127.0.0.1:{self.app_port}, HAProxy on 127.0.0.1:{self.haproxy.port}")
             self.references = {
                 "lean proxy": ReferenceServer(self.results_dir, kind="lean-proxy", app_port=self.app_port),
+                "bare proxy": ReferenceServer(self.results_dir, kind="bare-proxy", app_port=self.app_port),
                 "aiohttp alone": ReferenceServer(self.results_dir, kind="aiohttp-hello"),
             }
             for reference in self.references.values():

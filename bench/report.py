@@ -114,13 +114,15 @@ requests served, with its user and system parts (from `/proc/<pid>/stat`,
 so in steps of 10 ms per round). With one client nothing waits in a queue,
 so the floydd/direct ratio at one client is the cost of the proxy alone.
 
-At one client the rotation also includes two reference servers from
+At one client the rotation also includes three reference servers from
 `bench/reference.py`, each its own process. **lean proxy** is the smallest
 proxy built from floydd's parts: an asyncio Protocol with httptools in front
-of floydd's upstream client, one request at a time, and no other feature.
-**aiohttp alone** is aiohttp answering `/hello` itself. The first bounds what
-a Python proxy reaches on this machine, and the second is aiohttp's own
-cost per request.
+of floydd's upstream client, with a task per request and no other feature.
+**bare proxy** does the least a Python proxy can: callbacks only, no task,
+no parsing beyond the end of the head and the Content-Length, and one
+connection to the app opened ahead. **aiohttp alone** is aiohttp serving
+`/hello` itself. The bare proxy bounds what a Python proxy reaches on this
+machine, and aiohttp alone is aiohttp's own cost per request.
 
 The other measurements use the same daemon and job:
 
@@ -192,7 +194,7 @@ def render(results: Results) -> str:
 
 
 MEASURED_PATHS = ("direct", "HAProxy", "floydd")
-REFERENCE_PATHS = ("lean proxy", "aiohttp alone")
+REFERENCE_PATHS = ("lean proxy", "bare proxy", "aiohttp alone")
 
 
 def _render_paths(summaries: list[Summary]) -> list[str]:
@@ -238,16 +240,19 @@ def _render_references(by_key: dict[tuple[int, str], Summary]) -> list[str]:
     """Render the one-client rounds of the reference servers beside HAProxy and floydd."""
     rows = [by_key.get((1, path)) for path in ("HAProxy", "floydd", *REFERENCE_PATHS)]
     present = [row for row in rows if row is not None]
-    lean = by_key.get((1, "lean proxy"))
-    if lean is None:
+    references = [path for path in REFERENCE_PATHS[:2] if (1, path) in by_key]
+    if not references:
         return []
     lines = [
         "## What one proxied request costs in Python",
         "",
         "The reference servers of `bench/reference.py` ran in the same rounds at one client.",
         "**lean proxy** is the smallest proxy built from floydd's parts: an asyncio Protocol",
-        "with httptools in front of floydd's own upstream client, with none of floydd's",
-        "features. **aiohttp alone** is aiohttp answering `/hello` itself, without an app behind it.",
+        "with httptools in front of floydd's own upstream client, with a task per request and",
+        "none of floydd's features. **bare proxy** is the least a Python proxy can do: callbacks",
+        "only, no task, no parsing beyond the end of the head and the Content-Length, and one",
+        "connection opened ahead; it serves one client and small responses only. **aiohttp",
+        "alone** is aiohttp serving `/hello` itself, without an app behind it.",
         "",
         "| clients | path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | user | system | errors | rounds |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -255,16 +260,36 @@ def _render_references(by_key: dict[tuple[int, str], Summary]) -> list[str]:
         "",
     ]
     haproxy, floydd, direct = (by_key.get((1, path)) for path in ("HAProxy", "floydd", "direct"))
-    if haproxy is not None and floydd is not None and direct is not None:
+    if haproxy is None or floydd is None or direct is None:
+        return lines
+    lines += ["| at one client | requests/s ratio |", "| --- | ---: |"]
+    for path in references:
+        reference = by_key[(1, path)]
         lines += [
-            "| at one client | requests/s ratio |",
-            "| --- | ---: |",
-            f"| lean proxy / HAProxy | {_ratio(lean, haproxy, 'requests_per_s')} |",
-            f"| lean proxy / direct | {_ratio(lean, direct, 'requests_per_s')} |",
-            f"| floydd / lean proxy | {_ratio(floydd, lean, 'requests_per_s')} |",
-            "",
+            f"| {path} / HAProxy | {_ratio(reference, haproxy, 'requests_per_s')} |",
+            f"| {path} / direct | {_ratio(reference, direct, 'requests_per_s')} |",
+            f"| floydd / {path} | {_ratio(floydd, reference, 'requests_per_s')} |",
         ]
+    lines.append("")
+    bare = by_key.get((1, "bare proxy"))
+    if bare is not None:
+        lines += [_cpu_difference(floydd, bare), ""]
     return lines
+
+
+def _cpu_difference(floydd: Summary, bare: Summary) -> str:
+    """Say how much more CPU floydd spends per request than the bare proxy, user and system apart."""
+    parts = [
+        floydd.median(attribute) - bare.median(attribute)
+        for attribute in ("proxy_cpu_us_per_request", "proxy_user_us_per_request", "proxy_system_us_per_request")
+    ]
+    total, user, system = (_fmt(part, 0) for part in parts)
+    return (
+        f"At one client floydd spends {total} µs more CPU per request than the bare proxy "
+        f"({user} µs user, {system} µs system). That is the cost of what the bare proxy leaves out: "
+        "parsing and checking every header, the forwarded and request-id headers, the queue, "
+        "timeouts, metrics, and the errors and fallbacks of a real proxy."
+    )
 
 
 def _ratio(numerator: Summary, denominator: Summary, attribute: str) -> str:
