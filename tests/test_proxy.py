@@ -717,3 +717,27 @@ async def test_shutdown_lets_pooled_request_finish(tmp_path: Path) -> None:
         raw = await call
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert raw.endswith(b"\r\n\r\nlate")
+
+
+async def test_handover_cancelled_before_start(tmp_path: Path) -> None:
+    """A client that leaves in the same instant as a hand-over still frees the slot and the app connection."""
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        # The session closes its connection, so the raw client below is the front's only one.
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+        writer.write(f"GET {proxy.path('/stall')} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        (connection,) = proxy.front.connections
+        # The job's end hands the exchange to a new task. The client's loss, delivered before
+        # that task's first step, cancels it before it can run.
+        ended = JobNotServing("job is stopped, not serving", state="stopped", reason="stopped by a user")
+        proxy.queue.close(ended)
+        connection.connection_lost(None)
+        writer.close()
+        await asyncio.sleep(0.1)
+        in_flight = proxy.queue.in_flight
+    assert in_flight == 0
+    assert upstream.connections == 1
