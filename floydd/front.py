@@ -24,6 +24,7 @@ import http
 import json
 import socket
 import time
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -33,7 +34,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from floydd.app import METRICS, PROXY, QUEUES
 from floydd.config import ServerSettings
-from floydd.errors import FloyddError
+from floydd.errors import FloyddError, GatewayTimeout
 from floydd.flow import WriteFlowControl
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, log_aborted, new_request_id, response_end_to_end, server_timing, upstream_headers
@@ -307,7 +308,12 @@ class FrontConnection(asyncio.Protocol):
         if connection is None:
             return False
         lane = self._lane = _Lane(self._server, self, request, queue, queue.admit_now(), connection)
-        lane.start()
+        try:
+            lane.start()
+        except Exception:
+            log.exception("proxy_request_crashed", path=request.url.decode("latin-1"), method=request.method)
+            lane.cancel()
+            self.fail_lane(lane)
         return True
 
     def _parse(self, head: bytes) -> FastRequest | None:
@@ -378,29 +384,41 @@ class FrontConnection(asyncio.Protocol):
         task.add_done_callback(lane.release_if_task_never_ran)
         self._end_lane(task)
 
-    def lane_done(self, request: FastRequest) -> None:
+    def lane_done(self, lane: _Lane) -> None:
         """End a lane's request once its response is written, as `_serve` ends a task's."""
         if self._flow.paused:
             # Like the task path, which awaits the drain: no next request until the client takes this response.
-            self._task = self._loop.create_task(self._drain_then_done(request))
+            self._task = self._loop.create_task(self._drain_then_done(lane))
             self._end_lane(self._task)
             return
         self._end_lane()
-        self._request_done(request)
+        self._request_done(lane.request)
 
-    async def _drain_then_done(self, request: FastRequest) -> None:
+    async def _drain_then_done(self, lane: _Lane) -> None:
+        total_timeout_s = self._server.proxy.settings.total_timeout_s
         try:
-            await self.drain()
+            # The task path drains under proxy.total_timeout_s too, so a client that stops reading is cut off.
+            async with asyncio.timeout(max(0.0, lane.sent_at + total_timeout_s - time.monotonic())):
+                await self.drain()
         except ConnectionResetError:
+            return
+        except TimeoutError:
+            error = GatewayTimeout(
+                f"the client did not read the response within {total_timeout_s:g} s (proxy.total_timeout_s)",
+                limit="total_timeout_s",
+            )
+            log_aborted(lane.request.job_id, lane.request_id, error)
+            self.abort()
             return
         finally:
             self._task = None
-        self._request_done(request)
+        self._request_done(lane.request)
 
-    def fail_lane(self, request: FastRequest) -> None:
+    def fail_lane(self, lane: _Lane) -> None:
         """End a lane that raised an unexpected exception, as `_serve` ends a crashed task."""
-        self._end_lane()
-        self._fail_internal(request)
+        if self._lane is lane:
+            self._end_lane()
+        self._fail_internal(lane.request)
 
     def _end_lane(self, successor: asyncio.Task[None] | None = None) -> None:
         """Forget the lane; a shutdown waiting for it waits for `successor` instead, if the request goes on there."""
@@ -556,11 +574,11 @@ def _upstream_headers(client: FrontConnection, request: FastRequest, request_id:
 class _Lane:
     """One fast-path request served from callbacks alone, without a task, while all goes as usual.
 
-    At one client a task per request, with its awaits and wake-ups, costs as
-    much CPU as the rest of the proxy (docs/benchmarks.md). A lane starts
+    A task per request, with its awaits and the wake-ups between them, adds
+    CPU time to every request (docs/benchmarks.md). A lane starts
     only when the job's queue has a free slot and its pool a ready
-    connection; it writes the request at once and answers from the app
-    connection's read callback once a small response is complete. Anything
+    connection. It writes the request at once and sends the response from the
+    app connection's read callback once a small response is complete. Anything
     else (a large or streamed body, a closed or broken connection, a timer,
     the job's end) hands the exchange to a task running `serve_fast`,
     which handles it exactly as if it had sent the request itself.
@@ -579,6 +597,7 @@ class _Lane:
         "target",
         "sent_at",
         "head",
+        "bodyless",
         "timer",
         "ended",
         "task_started",
@@ -606,8 +625,10 @@ class _Lane:
         self.sent_at = 0.0
         # The response head for the client, once the app's head has arrived and the body is small.
         self.head = b""
+        # Whether the response has no body for the client: HEAD, 204, 304.
+        self.bodyless = False
         self.timer: asyncio.TimerHandle | None = None
-        # Set once the lane has answered, handed over or been cancelled.
+        # Set once the lane has sent the response, handed over or been cancelled.
         self.ended = False
         # Set by serve_fast when the task that takes over the exchange starts.
         self.task_started = False
@@ -623,8 +644,8 @@ class _Lane:
         settings = server.proxy.settings
         # One timer for both limits; the task that takes over applies each exactly.
         limit_s = min(settings.response_timeout_s, settings.total_timeout_s)
-        self.timer = connection.loop.call_later(limit_s, self._on_app_event_timer)
-        self.admission.on_job_end(self._job_ended)
+        self.timer = connection.loop.call_later(limit_s, self._on_timer)
+        self.admission.on_job_end(self._on_job_end)
         server.metrics.fast_path()
         server.metrics.admitted(request.job_id, 0.0)
 
@@ -643,19 +664,26 @@ class _Lane:
         self.queue.release(self.admission)
 
     def _on_app_event(self) -> None:
+        self._run(self._advance)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self._run(self._hand_over)
+
+    def _on_job_end(self) -> None:
+        self._run(self._job_ended)
+
+    def _run(self, step: Callable[[], None]) -> None:
+        """Run one step from a callback; on an error, free the slot and answer as a crashed task would."""
         try:
-            self._advance()
+            step()
         except ConnectionResetError:
-            # The client closed its connection; connection_lost has not run yet.
+            # The client closed its connection, and connection_lost has not run yet.
             self.cancel()
         except Exception:
             log.exception("proxy_request_crashed", path=self.request.url.decode("latin-1"), method=self.request.method)
             self.cancel()
-            self.client.fail_lane(self.request)
-
-    def _on_app_event_timer(self) -> None:
-        self.timer = None
-        self._hand_over()
+            self.client.fail_lane(self)
 
     def _advance(self) -> None:
         """Act on what the app connection now holds: wait, answer, or hand over to a task."""
@@ -671,10 +699,13 @@ class _Lane:
         if not self.head and not self._prepare_head():
             self._hand_over()
             return
-        if self.request.method == "HEAD":
-            # The parser cannot know the request was HEAD, so it may wait for a body that never comes.
-            message.complete = not message.body
-        if message.complete:
+        if self.bodyless:
+            if self.request.method == "HEAD":
+                # The parser cannot know the request was HEAD, so it may wait for a body that never comes.
+                # Bytes that came anyway keep the connection from being reused, as on the task path.
+                message.complete = not message.body
+            self._finish()
+        elif message.complete:
             self._finish()
         elif connection.eof:
             self._hand_over()
@@ -691,14 +722,18 @@ class _Lane:
         if not coalesced(framing, length):
             return False
         self.head = head
+        self.bodyless = framing == "empty"
         return True
 
     def _finish(self) -> None:
         message = self.message
-        body = message.body
-        message.body = []
+        if self.bodyless:
+            response = self.head
+        else:
+            response = b"".join([self.head, *message.body])
+            message.body = []
         # Raises ConnectionResetError if the client has gone, which cancels the lane.
-        self.client.write(b"".join([self.head, *body]))
+        self.client.write(response)
         self._detach()
         self.admission.pool.finish(self.connection, message)
         self.queue.release(self.admission)
@@ -706,7 +741,7 @@ class _Lane:
         job_id = self.request.job_id
         metrics.app_started(job_id, message.head_at - self.sent_at)
         metrics.answered(job_id, message.status)
-        self.client.lane_done(self.request)
+        self.client.lane_done(self)
 
     def _hand_over(self) -> None:
         self._detach()

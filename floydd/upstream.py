@@ -537,7 +537,7 @@ class UpstreamResponse:
 
 
 def _reusable(message: _Message) -> bool:
-    """Whether a connection may carry another exchange after this response, all of whose body was read."""
+    """Return whether a connection may carry another exchange after this response, all of whose body was read."""
     return message.keep_alive and not message.upgrade and not message.body
 
 
@@ -567,7 +567,6 @@ async def send_request(
     """
     retryable = method in IDEMPOTENT_METHODS and body is None
     head = request_head(method, target, headers, body is not None, content_length)
-    deadline = (time.monotonic() if sent_at is None else sent_at) + response_timeout_s
     connection = sent
     if connection is None:
         connection = pool.take(POOL_IDLE_TIMEOUT_S if retryable else UNSAFE_REUSE_IDLE_S)
@@ -576,14 +575,14 @@ async def send_request(
     if connection is not None:
         try:
             return await _exchange(
-                pool, connection, method, head, body, content_length, response_timeout_s, deadline, sent is not None
+                pool, connection, method, head, body, content_length, response_timeout_s, sent_at if sent else None
             )
         except _ClosedBeforeResponse:
             if not retryable:
                 raise
     connection = await pool.connect()
     pool.open_spare()
-    return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s, deadline)
+    return await _exchange(pool, connection, method, head, body, content_length, response_timeout_s)
 
 
 async def _exchange(
@@ -594,18 +593,24 @@ async def _exchange(
     body: AsyncIterator[bytes] | None,
     content_length: int | None,
     response_timeout_s: float,
-    deadline: float,
-    written: bool = False,
+    sent_at: float | None = None,
 ) -> UpstreamResponse:
+    """Send the request on `connection` and wait for the response head.
+
+    With `sent_at`, the caller has already begun the exchange and written
+    `head` at that time, and the response timeout counts from then.
+    """
     chunked = body is not None and content_length is None
     sender: asyncio.Task[bool] | None = None
-    message = connection.message if written else None
-    if message is None:
+    message = connection.message
+    if sent_at is None or message is None:
         message = connection.begin()
-        written = False
+        sent_at = None
     try:
-        if not written:
+        if sent_at is None:
             connection.write(head)
+            sent_at = time.monotonic()
+        deadline = sent_at + response_timeout_s
         if body is not None:
             # The body goes out while the response is awaited, because an app
             # may answer (413, 400) before it has read the whole body.
@@ -706,5 +711,4 @@ async def send_upgrade(
     """Send a GET with `Upgrade` on a new connection, which is never pooled afterwards."""
     connection = await pool.connect()
     head = request_head("GET", target, headers, False, None)
-    deadline = time.monotonic() + response_timeout_s
-    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s, deadline)
+    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s)

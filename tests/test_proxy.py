@@ -17,6 +17,7 @@ from aiohttp import web
 
 from floydd import upstream as upstream_module
 from floydd.errors import JobNotServing
+from floydd.metrics import ProxyMetrics
 from tests.proxy_harness import RawUpstream, http_response, raw_exchange, raw_upstream, read_request, running_proxy
 
 
@@ -618,6 +619,9 @@ async def scripted_keepalive_app(reader: asyncio.StreamReader, writer: asyncio.S
             await writer.drain()
             writer.transport.abort()
             return
+        elif method == b"HEAD" and target.endswith(b"/head-body"):
+            # A careless app: a body after the head of a HEAD response, in the same write.
+            writer.write(http_response(b"hello"))
         elif method == b"HEAD":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
         else:
@@ -631,11 +635,12 @@ async def scripted_keepalive_app(reader: asyncio.StreamReader, writer: asyncio.S
         ("GET", "/split", {}, 200, b"late", 1),
         ("GET", "/large", {}, 200, b"x" * 100_000, 1),
         ("HEAD", "/head", {}, 200, b"", 1),
+        ("HEAD", "/head-body", {}, 200, b"", 2),
         ("GET", "/stall", {"response_timeout_s": 0.3}, 504, b"response_timeout_s", 2),
         ("GET", "/stall-body", {"total_timeout_s": 0.3}, 504, b"total_timeout_s", 2),
         ("GET", "/die", {}, 502, b"bad_gateway", 2),
     ],
-    ids=["head-then-body", "large-body", "head-method", "no-head", "no-body", "cut-off"],
+    ids=["head-then-body", "large-body", "head-method", "head-with-body", "no-head", "no-body", "cut-off"],
 )
 async def test_request_on_pooled_connection(
     tmp_path: Path,
@@ -741,3 +746,85 @@ async def test_handover_cancelled_before_start(tmp_path: Path) -> None:
         in_flight = proxy.queue.in_flight
     assert in_flight == 0
     assert upstream.connections == 1
+
+
+async def test_response_timeout_starts_after_connect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """proxy.response_timeout_s counts from the request's write, not from before a slow connect."""
+
+    async def slow_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(0.3)
+        writer.write(http_response(b"slow", headers=("Connection: close",)))
+        await writer.drain()
+
+    open_connection = upstream_module.ConnectionPool._open
+
+    async def slow_open(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
+        await asyncio.sleep(0.4)
+        return await open_connection(pool)
+
+    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", slow_open)
+    upstream = await raw_upstream(slow_app)
+    async with (
+        running_proxy(tmp_path, upstream.port, response_timeout_s=0.5) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        async with client.get(proxy.url + proxy.path("/")) as response:
+            body = await response.read()
+    assert response.status == 200
+    assert body == b"slow"
+
+
+async def test_non_reading_client_cut_off(tmp_path: Path) -> None:
+    """A client that pipelines requests and never reads loses its connection at proxy.total_timeout_s."""
+
+    async def large_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(http_response(b"x" * 60_000))
+            await writer.drain()
+
+    upstream = await raw_upstream(large_app)
+    async with running_proxy(tmp_path, upstream.port, total_timeout_s=0.5) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/")) as warm:
+            await warm.read()
+        loop = asyncio.get_running_loop()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+            request = f"GET {proxy.path('/')} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+            await loop.sock_sendall(sock, request * 200)
+            # Well past total_timeout_s: the responses fill the socket buffers long before.
+            await asyncio.sleep(2.0)
+            connections = len(proxy.front.connections)
+            in_flight = proxy.queue.in_flight
+    assert connections == 0
+    assert in_flight == 0
+
+
+async def test_pipelined_lane_crash_frees_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error while the next pipelined request starts gives a 500 and keeps no slot."""
+    upstream = await raw_upstream(scripted_keepalive_app)
+    fast_path = ProxyMetrics.fast_path
+    calls = 0
+
+    def failing_fast_path(metrics: ProxyMetrics) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("injected fault")
+        fast_path(metrics)
+
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        monkeypatch.setattr(ProxyMetrics, "fast_path", failing_fast_path)
+        path = proxy.path
+        pipelined = f"GET {path('/warm')} HTTP/1.1\r\nHost: t\r\n\r\nGET {path('/stall')} HTTP/1.1\r\nHost: t\r\n\r\n"
+        raw = await raw_exchange(proxy.url, pipelined.encode())
+        in_flight = proxy.queue.in_flight
+    first, _, second = raw.partition(b"\r\n\r\nwarm")
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert second.startswith(b"HTTP/1.1 500 ")
+    assert in_flight == 0
