@@ -467,7 +467,7 @@ def _connect(url: str) -> aiodocker.Docker:
     if not target.startswith("unix://"):
         # NOTE: TCP and TLS engines keep aiodocker's own pool of 100 connections.
         return aiodocker.Docker(url=target)
-    connector = aiohttp.UnixConnector(path=target[len("unix://"):], limit=0)
+    connector = aiohttp.UnixConnector(path=target[len("unix://") :], limit=0)
     docker = aiodocker.Docker(url=target, connector=connector)
     # aiodocker builds request URLs from docker_host; with a Unix socket the
     # host part is a placeholder, as it sets itself when it makes the connector.

@@ -265,8 +265,10 @@ async def test_fast_path_pipelined_in_order(echo: tuple[Daemon, str]) -> None:
 
 @pytest.mark.parametrize(
     "upgrade",
-    ["Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZQ==",
-     "Connection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA"],
+    [
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZQ==",
+        "Connection: Upgrade, HTTP2-Settings, close\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA",
+    ],
     ids=["websocket", "h2c"],
 )
 async def test_upgrade_request_goes_to_aiohttp(echo: tuple[Daemon, str], upgrade: str) -> None:
