@@ -526,7 +526,7 @@ async def serve_fast(
     try:
         if lane is None:
             server.metrics.fast_path()
-            request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
+            request_id = _request_id(request)
             if queue is None:
                 raise await proxy.not_serving(job_id)
             # Built before the request waits, so that its turn starts with the write to the app.
@@ -558,6 +558,11 @@ async def serve_fast(
             server.metrics.unrouted(exc)
     if queue is not None and status:
         server.metrics.answered(job_id, status)
+
+
+def _request_id(request: FastRequest) -> str:
+    """Return the client's X-Request-ID, or a new id when it sent none."""
+    return request.request_id.decode("latin-1") if request.request_id else new_request_id()
 
 
 def _upstream_headers(client: FrontConnection, request: FastRequest, request_id: str) -> list[tuple[bytes, bytes]]:
@@ -618,7 +623,7 @@ class _Lane:
         self.queue = queue
         self.admission = admission
         self.connection = connection
-        self.request_id = request.request_id.decode("latin-1") if request.request_id else new_request_id()
+        self.request_id = _request_id(request)
         self.headers = _upstream_headers(client, request, self.request_id)
         self.target = _upstream_target(request.url, request.job_id)
         self.message = connection.begin()
@@ -674,7 +679,7 @@ class _Lane:
         self._run(self._job_ended)
 
     def _run(self, step: Callable[[], None]) -> None:
-        """Run one step from a callback; on an error, free the slot and answer as a crashed task would."""
+        """Run one step from a callback. On an error, free the slot and respond as a crashed task would."""
         try:
             step()
         except ConnectionResetError:
@@ -686,7 +691,7 @@ class _Lane:
             self.client.fail_lane(self)
 
     def _advance(self) -> None:
-        """Act on what the app connection now holds: wait, answer, or hand over to a task."""
+        """Act on what the app connection now contains: wait, send the response, or hand over to a task."""
         connection = self.connection
         message = self.message
         if connection.error is not None or message.upgrade:
@@ -748,7 +753,7 @@ class _Lane:
         self.client.lane_handed_over(self.request, self)
 
     def _job_ended(self) -> None:
-        # The task that takes over answers with the job's final state, as for a request it sent itself.
+        # The task that takes over responds with the job's final state, as for a request it sent itself.
         self.connection.abort()
         self._hand_over()
 
@@ -824,7 +829,7 @@ class _FastRelay:
 
 
 def coalesced(framing: str, length: int | None) -> bool:
-    """Whether a response goes out in one write once complete: no body, or a small one of known length."""
+    """Return whether a response goes out in one write once complete: no body, or a small one of known length."""
     return framing == "empty" or (framing == "length" and length is not None and length <= COALESCE_BYTES)
 
 

@@ -188,6 +188,8 @@ class JobQueue:
 
     async def admit(self, timeout_s: float) -> Admission:
         """Wait for this request's turn and take a slot, which `release()` gives back."""
+        if self.can_admit_now():
+            return self.admit_now()
         started = time.monotonic()
         pool = await self._acquire(timeout_s)
         admission = Admission(pool, time.monotonic() - started)
@@ -211,10 +213,6 @@ class JobQueue:
     async def _acquire(self, timeout_s: float) -> ConnectionPool:
         if self._closed is not None:
             raise self._closed
-        if self.can_admit_now():
-            assert self._pool is not None
-            self._busy += 1
-            return self._pool
         if len(self._waiters) >= self.max_depth:
             raise QueueFull(
                 f"job {self.job_id}'s queue is full: {self.depth} requests are waiting, the maximum; retry later",

@@ -602,10 +602,8 @@ async def _exchange(
     """
     chunked = body is not None and content_length is None
     sender: asyncio.Task[bool] | None = None
-    message = connection.message
-    if sent_at is None or message is None:
-        message = connection.begin()
-        sent_at = None
+    message = connection.begin() if sent_at is None else connection.message
+    assert message is not None, "sent_at given for a connection with no exchange begun"
     try:
         if sent_at is None:
             connection.write(head)
