@@ -1,20 +1,29 @@
 """Prometheus metrics of the proxy and the jobs, served at `GET /metrics`.
 
-prometheus-client provides the text format, the histogram buckets and
-thread-safe counters. Series are labelled by job id only for jobs that have
-a queue (serve jobs that have not ended), so requests for made-up ids cannot
-grow the number of series. A job's series are dropped after the first scrape
-that follows its end, so that scrape still sees its final counts.
+prometheus-client provides the text format and the collector interface.
+The counts taken on every proxied request (responses by status class, the
+queue-wait and app-time histograms, fast-path requests) are plain integers
+and floats in `_JobSeries`, turned into metric families only when
+`/metrics` is scraped: prometheus-client's own Counter and Histogram take a
+lock and check their state on every update, which cost a measurable share
+of the proxy's CPU per request. floydd updates them from the event loop
+only, so they need no lock.
+
+Series are labelled by job id only for jobs that have a queue (serve jobs
+that have not ended), so requests for made-up ids cannot grow the number of
+series. The scrape that first finds a job ended marks its series, and the
+scrape after it drops them, so a scraper reads the job's final counts.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from floydd.auth import request_user
@@ -26,6 +35,8 @@ from floydd.store import JobStore
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds; from 1 ms to 5 min, since a request may wait or run up to the 300 s default timeouts.
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The `le` label of each bucket, written as prometheus-client writes it.
+BUCKET_LABELS = (*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf")
 
 
 class _QueueCollector(Collector):
@@ -49,12 +60,6 @@ class ProxyMetrics:
         self._queues = queues
         self._store = store
         self.registry = CollectorRegistry(auto_describe=True)
-        self._requests = Counter(
-            "floydd_proxy_requests",
-            "Responses sent for requests to a job, by status class (2xx to 5xx).",
-            ["job_id", "status_class"],
-            registry=self.registry,
-        )
         self._rejections = Counter(
             "floydd_proxy_rejections",
             "Requests floydd answered itself with an error, by reason (queue_full, queue_timeout, ...).",
@@ -67,48 +72,25 @@ class ProxyMetrics:
             ["reason"],
             registry=self.registry,
         )
-        self._queue_wait = Histogram(
-            "floydd_proxy_queue_wait_seconds",
-            "Time a request waited in the queue before it was admitted.",
-            ["job_id"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._app_time = Histogram(
-            "floydd_proxy_app_seconds",
-            "Time from sending a request to the app to the start of its response.",
-            ["job_id"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._fast_path = Counter(
-            "floydd_proxy_fast_path_requests",
-            "Requests to a job served by floydd's own HTTP/1.1 parser instead of aiohttp's "
-            "(bodyless requests to public jobs).",
-            registry=self.registry,
-        )
         self._jobs = _JobStateGauge()
+        self._per_request = _PerRequestCollector()
         self.registry.register(_QueueCollector(queues))
         self.registry.register(self._jobs)
-        # The labelled series of each job, looked up once per job instead of on
-        # every request, because `labels()` costs a lock and a tuple per call.
-        self._series: dict[str, _JobSeries] = {}
+        self.registry.register(self._per_request)
+        self._series = self._per_request.series
         self._ended: set[str] = set()
 
     def answered(self, job_id: str, status: int) -> None:
-        series = self._job_series(job_id)
+        requests = self._job_series(job_id).requests
         status_class = status // 100
-        counter = series.requests.get(status_class)
-        if counter is None:
-            counter = series.requests[status_class] = self._requests.labels(job_id, f"{status_class}xx")
-        counter.inc()
+        requests[status_class] = requests.get(status_class, 0) + 1
 
     def rejected(self, job_id: str, error: FloyddError) -> None:
         self._job_series(job_id)
         self._rejections.labels(job_id, str(error.extra.get("limit") or error.code)).inc()
 
     def fast_path(self) -> None:
-        self._fast_path.inc()
+        self._per_request.fast_path += 1
 
     def unrouted(self, error: FloyddError) -> None:
         self._unrouted.labels(error.code).inc()
@@ -122,8 +104,7 @@ class ProxyMetrics:
     def _job_series(self, job_id: str) -> _JobSeries:
         series = self._series.get(job_id)
         if series is None:
-            series = _JobSeries(self._queue_wait.labels(job_id), self._app_time.labels(job_id))
-            self._series[job_id] = series
+            series = self._series[job_id] = _JobSeries()
         return series
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -138,20 +119,81 @@ class ProxyMetrics:
     def _forget_ended_jobs(self) -> None:
         live = {queue.job_id for queue in self._queues.values()}
         for job_id in self._ended:
-            for metric in (self._requests, self._rejections, self._queue_wait, self._app_time):
-                _remove_job(metric, job_id)
+            _remove_job(self._rejections, job_id)
             self._series.pop(job_id, None)
         self._ended = set(self._series) - live
 
 
+class _Buckets:
+    """A histogram's count per bucket and sum. A value goes into the first bucket whose bound is at least the value."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        # One count per bound of LATENCY_BUCKETS, and a last one for +Inf.
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        total = 0
+        buckets: list[tuple[str, float]] = []
+        for bound, count in zip(BUCKET_LABELS, self.counts, strict=True):
+            total += count
+            buckets.append((bound, total))
+        return buckets
+
+
 @dataclass
 class _JobSeries:
-    """One job's labelled series of the per-request metrics."""
+    """One job's per-request counts."""
 
-    queue_wait: Histogram
-    app_time: Histogram
-    # Counters of `floydd_proxy_requests` by status class (2 for 2xx).
-    requests: dict[int, Counter] = field(default_factory=dict)
+    queue_wait: _Buckets = field(default_factory=_Buckets)
+    app_time: _Buckets = field(default_factory=_Buckets)
+    # Responses of `floydd_proxy_requests` by status class (2 for 2xx).
+    requests: dict[int, int] = field(default_factory=dict)
+
+
+class _PerRequestCollector(Collector):
+    """Turns the per-request counts into metric families when /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, _JobSeries] = {}
+        self.fast_path = 0
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        requests = CounterMetricFamily(
+            "floydd_proxy_requests",
+            "Responses sent for requests to a job, by status class (2xx to 5xx).",
+            labels=["job_id", "status_class"],
+        )
+        queue_wait = HistogramMetricFamily(
+            "floydd_proxy_queue_wait_seconds",
+            "Time a request waited in the queue before it was admitted.",
+            labels=["job_id"],
+        )
+        app_time = HistogramMetricFamily(
+            "floydd_proxy_app_seconds",
+            "Time from sending a request to the app to the start of its response.",
+            labels=["job_id"],
+        )
+        for job_id, series in self.series.items():
+            for status_class, count in sorted(series.requests.items()):
+                requests.add_metric([job_id, f"{status_class}xx"], count)
+            queue_wait.add_metric([job_id], series.queue_wait.cumulative(), series.queue_wait.sum)
+            app_time.add_metric([job_id], series.app_time.cumulative(), series.app_time.sum)
+        yield requests
+        yield queue_wait
+        yield app_time
+        yield CounterMetricFamily(
+            "floydd_proxy_fast_path_requests",
+            "Requests to a job served by floydd's own HTTP/1.1 parser instead of aiohttp's "
+            "(bodyless requests to public jobs).",
+            value=self.fast_path,
+        )
 
 
 class _JobStateGauge(Collector):
@@ -165,7 +207,7 @@ class _JobStateGauge(Collector):
         yield jobs
 
 
-def _remove_job(metric: Counter | Histogram, job_id: str) -> None:
+def _remove_job(metric: Counter, job_id: str) -> None:
     # prometheus-client removes a series only by its full label values, so find them first.
     for labels in list(metric._metrics):  # noqa: SLF001
         if labels[0] == job_id:
