@@ -307,14 +307,30 @@ class FrontConnection(asyncio.Protocol):
         connection = pool.take(POOL_IDLE_TIMEOUT_S)
         if connection is None:
             return False
-        lane = self._lane = _Lane(self._server, self, request, queue, queue.admit_now(), connection)
+        self._run_lane(_Lane(self._server, self, request, queue, queue.admit_now(), connection), waited=False)
+        return True
+
+    def continue_in_lane(self, request: FastRequest, queue: JobQueue, admission: Admission) -> bool:
+        """Serve a request admitted after a wait from callbacks alone, if its connection is ready; return whether.
+
+        A connection that is closing keeps the request in its task, which is what shutdown waits for.
+        """
+        if self.closing or admission.ended is not None or queue.closed is not None:
+            return False
+        connection = admission.pool.take(POOL_IDLE_TIMEOUT_S)
+        if connection is None:
+            return False
+        self._run_lane(_Lane(self._server, self, request, queue, admission, connection), waited=True)
+        return True
+
+    def _run_lane(self, lane: _Lane, *, waited: bool) -> None:
+        self._lane = lane
         try:
-            lane.start()
+            lane.start(waited=waited)
         except Exception:
-            log.exception("proxy_request_crashed", path=request.url.decode("latin-1"), method=request.method)
+            log.exception("proxy_request_crashed", path=lane.request.url.decode("latin-1"), method=lane.request.method)
             lane.cancel()
             self.fail_lane(lane)
-        return True
 
     def _parse(self, head: bytes) -> FastRequest | None:
         """Return the request if the fast path may serve it, or None to hand the connection to aiohttp."""
@@ -365,7 +381,9 @@ class FrontConnection(asyncio.Protocol):
 
     async def _serve(self, request: FastRequest, lane: _Lane | None = None) -> None:
         try:
-            await serve_fast(self._server, self, request, lane)
+            if await serve_fast(self._server, self, request, lane):
+                # A lane took the request over after its wait in the queue, and ends it.
+                return
         except (asyncio.CancelledError, ConnectionResetError):
             # The client left; the exchange has been broken off.
             return
@@ -513,11 +531,13 @@ def _upstream_target(url: bytes, job_id: str) -> bytes:
 
 async def serve_fast(
     server: FrontServer, client: FrontConnection, request: FastRequest, lane: _Lane | None = None
-) -> None:
+) -> bool:
     """Queue a fast-path request, relay the app's response, or send floydd's JSON error.
 
     With `lane`, the request has been admitted and sent to the app by a
     `_Lane`, and this call takes over the exchange where the lane left it.
+    Returns True when the request, once admitted, went on in a new `_Lane`
+    instead, which then ends it; False when this call has ended it.
     """
     job_id = request.job_id
     queue = server.queues.get(job_id) if lane is None else lane.queue
@@ -534,6 +554,8 @@ async def serve_fast(
             target = _upstream_target(request.url, job_id)
             admission = await queue.admit(proxy.settings.queue_timeout_s)
             server.metrics.admitted(job_id, admission.queued_s)
+            if client.continue_in_lane(request, queue, admission):
+                return True
             sent, sent_at = None, None
         else:
             lane.task_started = True
@@ -558,6 +580,7 @@ async def serve_fast(
             server.metrics.unrouted(exc)
     if queue is not None and status:
         server.metrics.answered(job_id, status)
+    return False
 
 
 def _request_id(request: FastRequest) -> str:
@@ -580,10 +603,11 @@ class _Lane:
     """One fast-path request served from callbacks alone, without a task, while all goes as usual.
 
     A task per request, with its awaits and the wake-ups between them, adds
-    CPU time to every request (docs/benchmarks.md). A lane starts
-    only when the job's queue has a free slot and its pool a ready
-    connection. It writes the request at once and sends the response from the
-    app connection's read callback once a small response is complete. Anything
+    CPU time to every request (docs/benchmarks.md). A lane starts once
+    the request has a slot, at once or after its wait in the queue, and
+    the pool has a ready connection. It writes the request at once and
+    sends the response from the app connection's read callback once a
+    small response is complete. Anything
     else (a large or streamed body, a closed or broken connection, a timer,
     the job's end) hands the exchange to a task running `serve_fast`,
     which handles it exactly as if it had sent the request itself.
@@ -638,7 +662,8 @@ class _Lane:
         # Set by serve_fast when the task that takes over the exchange starts.
         self.task_started = False
 
-    def start(self) -> None:
+    def start(self, *, waited: bool) -> None:
+        """Send the request to the app. `waited` is False for a request that has not been counted yet."""
         server = self.server
         request = self.request
         connection = self.connection
@@ -651,8 +676,10 @@ class _Lane:
         limit_s = min(settings.response_timeout_s, settings.total_timeout_s)
         self.timer = connection.loop.call_later(limit_s, self._on_timer)
         self.admission.on_job_end(self._on_job_end)
-        server.metrics.fast_path()
-        server.metrics.admitted(request.job_id, 0.0)
+        if not waited:
+            # serve_fast counts a request that waited in the queue when it arrives and when it is admitted.
+            server.metrics.fast_path()
+            server.metrics.admitted(request.job_id, 0.0)
 
     def release_if_task_never_ran(self, task: asyncio.Task[None]) -> None:
         """Give back the slot and the connection of a hand-over whose task never ran serve_fast."""
@@ -719,7 +746,7 @@ class _Lane:
         """Build the client's response head; return False if the body is not small enough to hold back."""
         message = self.message
         request = self.request
-        timing = server_timing(0.0, message.head_at - self.sent_at)
+        timing = server_timing(self.admission.queued_s, message.head_at - self.sent_at)
         close = self.client.closing or not request.keep_alive
         head, framing, length = response_head(
             message.status, message.reason, message.headers, request.method, self.request_id, timing, close=close

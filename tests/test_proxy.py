@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,7 +19,17 @@ from aiohttp import web
 from floydd import upstream as upstream_module
 from floydd.errors import JobNotServing
 from floydd.metrics import ProxyMetrics
-from tests.proxy_harness import RawUpstream, http_response, raw_exchange, raw_upstream, read_request, running_proxy
+from floydd.proxy import Proxy, Relay
+from floydd.queue import Admission
+from tests.proxy_harness import (
+    ProxyUnderTest,
+    RawUpstream,
+    http_response,
+    raw_exchange,
+    raw_upstream,
+    read_request,
+    running_proxy,
+)
 
 
 async def keepalive_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -722,6 +733,46 @@ async def test_shutdown_lets_pooled_request_finish(tmp_path: Path) -> None:
         raw = await call
     assert raw.startswith(b"HTTP/1.1 200 OK\r\n")
     assert raw.endswith(b"\r\n\r\nlate")
+
+
+async def test_queued_request_continues_in_lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request admitted after a wait is sent on the pooled connection from callbacks, with its wait reported."""
+    exchanges: list[str] = []
+    exchange = Proxy.exchange
+
+    async def counted_exchange(self: Proxy, relay: Relay, admission: Admission, job_id: str, *args: Any) -> None:
+        exchanges.append(job_id)
+        await exchange(self, relay, admission, job_id, *args)
+
+    monkeypatch.setattr(Proxy, "exchange", counted_exchange)
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        # The first request found no pooled connection and went through a task.
+        assert exchanges == [proxy.job_id]
+        exchanges.clear()
+        # The app sends /split's body 0.2 s after its head, so /warm waits in the queue for about that long.
+        first = asyncio.create_task(raw_exchange(proxy.url, split_request(proxy)))
+        await asyncio.sleep(0.05)
+        async with client.get(proxy.url + proxy.path("/warm")) as queued:
+            body = await queued.read()
+            timing = queued.headers["Server-Timing"]
+        raw = await first
+        in_flight = proxy.queue.in_flight
+    assert queued.status == 200
+    assert body == b"warm"
+    queued_ms = float(timing.split("queue;dur=")[1].split(",")[0])
+    assert queued_ms >= 100
+    assert raw.endswith(b"\r\n\r\nlate")
+    assert in_flight == 0
+    # No request went through the task's exchange, and all three shared the app's one keep-alive connection.
+    assert exchanges == []
+    assert upstream.connections == 1
+
+
+def split_request(proxy: ProxyUnderTest) -> bytes:
+    return f"GET {proxy.path('/split')} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode()
 
 
 async def test_handover_cancelled_before_start(tmp_path: Path) -> None:
