@@ -130,6 +130,51 @@ async def test_preconnect_spare_closed_by_app(tmp_path: Path) -> None:
     assert upstream.connections > 4
 
 
+async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that arrives while the spare is still connecting waits for it instead of opening another.
+
+    The app serves one connection at a time, in the order it accepts them, like
+    Werkzeug with threaded=False. A request sent on a second new connection would
+    wait behind the spare, on which the app waits for a request, until floydd
+    closes the unused spare after POOL_IDLE_TIMEOUT_S, past the response timeout.
+    """
+    opened = 0
+    open_connection = upstream_module.ConnectionPool._open
+
+    async def open_spare_late(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
+        nonlocal opened
+        connection = await open_connection(pool)
+        opened += 1
+        if opened == 3:
+            # The third connection is the first spare: connected, but seen by floydd only after the next request.
+            await asyncio.sleep(0.5)
+        return connection
+
+    serving = asyncio.Lock()
+
+    async def one_at_a_time_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async with serving:
+            await read_request(reader)
+            writer.write(http_response(b"served", headers=("Connection: close",)))
+            await writer.drain()
+            writer.close()
+
+    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_spare_late)
+    upstream = await raw_upstream(one_at_a_time_app)
+    async with (
+        running_proxy(tmp_path, upstream.port, response_timeout_s=1) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        statuses = []
+        bodies = []
+        for _ in range(4):
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                bodies.append(await response.read())
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200, 200]
+    assert bodies == [b"served"] * 4
+
+
 async def test_concurrent_clients_closing_app(tmp_path: Path) -> None:
     upstream = await raw_upstream(closing_app)
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
