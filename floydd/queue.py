@@ -226,6 +226,10 @@ class JobQueue:
             async with asyncio.timeout(timeout_s):
                 return await waiter
         except TimeoutError as exc:
+            if waiter.done() and not waiter.cancelled():
+                # The slot or the job's end came in the same loop pass as the timeout. Take it,
+                # because the slot is counted as busy and nothing else would give it back.
+                return waiter.result()
             raise self._queue_timeout(timeout_s) from exc
         except asyncio.CancelledError:
             # The client left. If the slot was granted in the same instant, hand it on.

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from floydd.errors import JobNotServing, QueueFull, QueueTimeout
-from floydd.queue import JobQueue, Upstream
+from floydd.queue import Admission, JobQueue, Upstream
 
 UPSTREAM = Upstream("127.0.0.1", 5000)
 
@@ -122,3 +122,21 @@ async def test_held_queue_admits_nothing_more() -> None:
     with pytest.raises(JobNotServing):
         await hold(queue, "late", entered, release)
     assert entered == ["first"]
+
+
+async def test_timeout_as_slot_granted() -> None:
+    """A slot granted in the same loop pass as the waiter's timeout is used or given back, never lost."""
+    queue = JobQueue("j", max_depth=10)
+    queue.open(UPSTREAM)
+    first = await queue.admit(timeout_s=10)
+    # With timeout_s=0, asyncio.timeout() expires through call_soon, so the grant scheduled below
+    # and the timeout reach the waiting task in the same loop pass.
+    waiter = asyncio.create_task(queue.admit(timeout_s=0))
+    asyncio.get_running_loop().call_soon(queue.release, first)
+    (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
+    if isinstance(outcome, Admission):
+        queue.release(outcome)
+    else:
+        assert isinstance(outcome, QueueTimeout)
+    assert queue.in_flight == 0
+    assert queue.depth == 0
