@@ -222,7 +222,49 @@ def _render_paths(summaries: list[Summary]) -> list[str]:
             f"| {_ratio(floydd, direct, 'requests_per_s')} | {_ratio(floydd, haproxy, 'p99_ms')} |"
         )
     lines.append("")
+    lines += _render_targets(by_key)
     lines += _render_references(by_key)
+    return lines
+
+
+# floydd's speed targets: requests/s at least HAProxy's with a p99 no worse at every
+# concurrency, and at one client, where nothing waits in a queue, 95 % of direct access.
+DIRECT_TARGET = 0.95
+
+
+def _render_targets(by_key: dict[tuple[int, str], Summary]) -> list[str]:
+    """Render which speed targets floydd met in this run, and how near HAProxy and the bare proxy come to direct."""
+    lines = ["Against the targets in this run:", ""]
+    for connections in sorted({connections for connections, _ in by_key}):
+        floydd, haproxy, direct = (by_key.get((connections, path)) for path in MEASURED_PATHS[::-1])
+        if floydd is None or haproxy is None or direct is None:
+            continue
+        throughput = floydd.median("requests_per_s") / haproxy.median("requests_per_s")
+        tail = floydd.median("p99_ms") / haproxy.median("p99_ms")
+        verdict = "met" if throughput >= 1 and tail <= 1 else "not met"
+        line = (
+            f"- {connections} client{'s' if connections > 1 else ''}: {verdict}, "
+            f"{throughput:.2f} of HAProxy's requests/s with {tail:.2f} of its p99"
+        )
+        if connections == 1:
+            to_direct = floydd.median("requests_per_s") / direct.median("requests_per_s")
+            line += f"; {to_direct:.2f} of direct access, against {DIRECT_TARGET:.2f}"
+        lines.append(line + ".")
+    haproxy, direct, bare = (by_key.get((1, path)) for path in ("HAProxy", "direct", "bare proxy"))
+    if haproxy is not None and direct is not None and bare is not None:
+        best = max(
+            haproxy.median("requests_per_s") / direct.median("requests_per_s"),
+            bare.median("requests_per_s") / direct.median("requests_per_s"),
+        )
+        lines += [
+            "",
+            f"At one client HAProxy reaches {_ratio(haproxy, direct, 'requests_per_s')} of direct access "
+            f"and the bare proxy {_ratio(bare, direct, 'requests_per_s')}. Each puts one more hop between "
+            "wrk and docker-proxy, on a machine whose two CPUs also run wrk, docker-proxy and the app.",
+        ]
+        if best < DIRECT_TARGET:
+            lines.append(f"Neither reaches the {DIRECT_TARGET:.2f} of direct access that floydd's target asks for.")
+    lines.append("")
     return lines
 
 
