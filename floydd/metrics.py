@@ -18,6 +18,7 @@ scrape after it drops them, so a scraper reads the job's final counts.
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from floydd.auth import request_user
 from floydd.errors import FloyddError, Forbidden
@@ -81,9 +83,13 @@ class ProxyMetrics:
         self._ended: set[str] = set()
 
     def answered(self, job_id: str, status: int) -> None:
-        requests = self._job_series(job_id).requests
+        series = self._job_series(job_id)
         status_class = status // 100
-        requests[status_class] = requests.get(status_class, 0) + 1
+        count = series.requests.get(status_class)
+        if count is None:
+            series.requests_created[status_class] = time.time()
+            count = 0
+        series.requests[status_class] = count + 1
 
     def rejected(self, job_id: str, error: FloyddError) -> None:
         self._job_series(job_id)
@@ -155,6 +161,9 @@ class _JobSeries:
     app_time: _Buckets = field(default_factory=_Buckets)
     # Responses of `floydd_proxy_requests` by status class (2 for 2xx).
     requests: dict[int, int] = field(default_factory=dict)
+    # Unix times for the `_created` samples that prometheus-client's own metrics carry.
+    created: float = field(default_factory=time.time)
+    requests_created: dict[int, float] = field(default_factory=dict)
 
 
 class _PerRequestCollector(Collector):
@@ -163,6 +172,7 @@ class _PerRequestCollector(Collector):
     def __init__(self) -> None:
         self.series: dict[str, _JobSeries] = {}
         self.fast_path = 0
+        self.created = time.time()
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(
@@ -182,9 +192,12 @@ class _PerRequestCollector(Collector):
         )
         for job_id, series in self.series.items():
             for status_class, count in sorted(series.requests.items()):
-                requests.add_metric([job_id, f"{status_class}xx"], count)
-            queue_wait.add_metric([job_id], series.queue_wait.cumulative(), series.queue_wait.sum)
-            app_time.add_metric([job_id], series.app_time.cumulative(), series.app_time.sum)
+                created = series.requests_created[status_class]
+                requests.add_metric([job_id, f"{status_class}xx"], count, created=created)
+            for family, buckets in ((queue_wait, series.queue_wait), (app_time, series.app_time)):
+                family.add_metric([job_id], buckets.cumulative(), buckets.sum)
+                # HistogramMetricFamily.add_metric has no `created` argument (prometheus-client 0.26).
+                family.samples.append(Sample(f"{family.name}_created", {"job_id": job_id}, series.created))
         yield requests
         yield queue_wait
         yield app_time
@@ -193,6 +206,7 @@ class _PerRequestCollector(Collector):
             "Requests to a job served by floydd's own HTTP/1.1 parser instead of aiohttp's "
             "(bodyless requests to public jobs).",
             value=self.fast_path,
+            created=self.created,
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from floydd.errors import QueueFull
@@ -16,8 +16,12 @@ JOB = "a" * 32
 
 
 def scrape(metrics: ProxyMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Return every sample of the registry by name and sorted labels, as a scraper would parse them."""
-    text = generate_latest(metrics.registry).decode()
+    """Return every sample of the metrics' registry by name and sorted labels, as a scraper would parse them."""
+    return scrape_registry(metrics.registry)
+
+
+def scrape_registry(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = generate_latest(registry).decode()
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -97,3 +101,32 @@ def test_ended_job_series_dropped(tmp_path: Path) -> None:
     assert "floydd_proxy_rejections_total" in first
     assert first == second
     assert third == set()
+
+
+def test_same_samples_as_prometheus_client(tmp_path: Path) -> None:
+    """The per-request families print the samples prometheus-client's Counter and Histogram print, `_created` too."""
+    metrics, _ = new_metrics(tmp_path)
+    metrics.answered(JOB, 200)
+    metrics.admitted(JOB, 0.01)
+    metrics.app_started(JOB, 0.02)
+    metrics.fast_path()
+
+    reference = CollectorRegistry()
+    labels = ["job_id"]
+    requests = Counter("floydd_proxy_requests", "help", [*labels, "status_class"], registry=reference)
+    wait = Histogram("floydd_proxy_queue_wait_seconds", "help", labels, buckets=LATENCY_BUCKETS, registry=reference)
+    app = Histogram("floydd_proxy_app_seconds", "help", labels, buckets=LATENCY_BUCKETS, registry=reference)
+    fast_path = Counter("floydd_proxy_fast_path_requests", "help", registry=reference)
+    requests.labels(JOB, "2xx").inc()
+    wait.labels(JOB).observe(0.01)
+    app.labels(JOB).observe(0.02)
+    fast_path.inc()
+
+    ours = scrape(metrics)
+    theirs = scrape_registry(reference)
+    assert set(theirs) <= set(ours)
+    for key, value in theirs.items():
+        if key[0].endswith("_created"):
+            assert abs(ours[key] - value) < 60
+        else:
+            assert ours[key] == value, key
