@@ -49,6 +49,11 @@ POOL_MAX_IDLE = 8
 # An idle connection older than this is closed instead of reused, because
 # servers close idle keep-alive connections too (gunicorn after 2 s, uvicorn 5 s).
 POOL_IDLE_TIMEOUT_S = 2.0
+# How long a request waits for the spare whose connect is in flight before it opens its own
+# connection. A spare's connect to docker-proxy took at most 1 ms in the benchmark, and a
+# lost SYN is sent again only after 1 s (Linux's TCP_TIMEOUT_INIT), so a connect still
+# pending at 0.1 s is stuck.
+SPARE_WAIT_S = 0.1
 # A request that cannot be retried on a fresh connection reuses only a
 # connection idle for less than this, so the app has had no time to close it.
 UNSAFE_REUSE_IDLE_S = 0.5
@@ -349,13 +354,15 @@ class ConnectionPool:
         request waits on the new connection until the unused spare is closed
         after POOL_IDLE_TIMEOUT_S. Waiting for the spare costs little: in one
         benchmark run at one client through docker-proxy, 8 % of the spares'
-        connects took 0.3 to 1 ms and none took longer.
+        connects took 0.3 to 1 ms and none took longer. The wait ends after
+        SPARE_WAIT_S, since a connect pending that long is stuck.
         """
         connecting = self._connecting
         if connecting is None:
             return None
         # asyncio.wait, unlike awaiting the task, leaves the connect running if this request is cancelled.
-        await asyncio.wait({connecting})
+        # NOTE: a spare connected within SPARE_WAIT_S but seen by floydd only later can still stall such an app.
+        await asyncio.wait({connecting}, timeout=SPARE_WAIT_S)
         return self.take(max_idle_s)
 
     async def connect(self) -> AppConnection:

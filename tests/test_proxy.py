@@ -146,8 +146,9 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
         connection = await open_connection(pool)
         opened += 1
         if opened == 3:
-            # The third connection is the first spare: connected, but seen by floydd only after the next request.
-            await asyncio.sleep(0.5)
+            # The third connection is the first spare: connected, but seen by floydd only after the next
+            # request arrived, though within SPARE_WAIT_S.
+            await asyncio.sleep(upstream_module.SPARE_WAIT_S / 2)
         return connection
 
     serving = asyncio.Lock()
@@ -173,6 +174,34 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
                 statuses.append(response.status)
     assert statuses == [200, 200, 200, 200]
     assert bodies == [b"served"] * 4
+
+
+async def test_stuck_spare_not_awaited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request waits for a spare whose connect is stuck only SPARE_WAIT_S, then opens its own connection."""
+    opened = 0
+    open_connection = upstream_module.ConnectionPool._open
+
+    async def open_spare_stuck(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
+        nonlocal opened
+        opened += 1
+        if opened == 3:
+            # The first spare: its connect hangs, as after a lost SYN, until CONNECT_TIMEOUT_S.
+            await asyncio.sleep(30)
+        return await open_connection(pool)
+
+    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_spare_stuck)
+    upstream = await raw_upstream(closing_app)
+    # Well below CONNECT_TIMEOUT_S, so a request that waited for the stuck spare until then would get 504.
+    async with (
+        running_proxy(tmp_path, upstream.port, total_timeout_s=1) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        statuses = []
+        for _ in range(3):
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                await response.read()
+                statuses.append(response.status)
+    assert statuses == [200, 200, 200]
 
 
 async def test_concurrent_clients_closing_app(tmp_path: Path) -> None:
