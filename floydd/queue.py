@@ -192,6 +192,11 @@ class JobQueue:
             return self.admit_now()
         started = time.monotonic()
         pool = await self._acquire(timeout_s)
+        if self._closed is not None:
+            # The job ended after the slot was granted and before this task ran again, so close()
+            # could not mark this request as ended. Give the slot back and raise the error close() gives waiters.
+            self._release()
+            raise self._closed
         admission = Admission(pool, time.monotonic() - started)
         self._admitted.add(admission)
         return admission

@@ -140,3 +140,19 @@ async def test_timeout_as_slot_granted() -> None:
         assert isinstance(outcome, QueueTimeout)
     assert queue.in_flight == 0
     assert queue.depth == 0
+
+
+async def test_close_after_grant_rejects_waiter() -> None:
+    """A job that ends after a waiter's grant, before the waiter runs again, rejects it with the job's state."""
+    queue = JobQueue("j", max_depth=10)
+    queue.open(UPSTREAM)
+    first = await queue.admit(timeout_s=10)
+    waiter = asyncio.create_task(queue.admit(timeout_s=10))
+    await asyncio.sleep(0)
+    assert queue.depth == 1
+    # The request in flight ends and the job ends in the same loop pass.
+    queue.release(first)
+    queue.close(JobNotServing("job j is stopped, not serving", state="stopped"))
+    (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
+    assert isinstance(outcome, JobNotServing)
+    assert queue.in_flight == 0
