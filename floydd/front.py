@@ -25,7 +25,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import httptools
 import structlog
@@ -307,10 +307,13 @@ class FrontConnection(asyncio.Protocol):
         connection = pool.take(POOL_IDLE_TIMEOUT_S)
         if connection is None:
             return False
-        self._run_lane(_Lane(self._server, self, request, queue, queue.admit_now(), connection), waited=False)
+        lane = _Lane(self._server, self, request, queue, queue.admit_now(), connection, _outgoing(self, request))
+        self._run_lane(lane, waited=False)
         return True
 
-    def continue_in_lane(self, request: FastRequest, queue: JobQueue, admission: Admission) -> bool:
+    def continue_in_lane(
+        self, request: FastRequest, queue: JobQueue, admission: Admission, outgoing: _Outgoing
+    ) -> bool:
         """Serve a request admitted after a wait from callbacks alone, if its connection is ready; return whether.
 
         A connection that is closing keeps the request in its task, which is what shutdown waits for.
@@ -320,7 +323,7 @@ class FrontConnection(asyncio.Protocol):
         connection = admission.pool.take(POOL_IDLE_TIMEOUT_S)
         if connection is None:
             return False
-        self._run_lane(_Lane(self._server, self, request, queue, admission, connection), waited=True)
+        self._run_lane(_Lane(self._server, self, request, queue, admission, connection, outgoing), waited=True)
         return True
 
     def _run_lane(self, lane: _Lane, *, waited: bool) -> None:
@@ -550,11 +553,11 @@ async def serve_fast(
             if queue is None:
                 raise await proxy.not_serving(job_id)
             # Built before the request waits, so that its turn starts with the write to the app.
-            headers = _upstream_headers(client, request, request_id)
-            target = _upstream_target(request.url, job_id)
+            outgoing = _outgoing(client, request, request_id)
+            request_id, headers, target = outgoing
             admission = await queue.admit(proxy.settings.queue_timeout_s)
             server.metrics.admitted(job_id, admission.queued_s)
-            if client.continue_in_lane(request, queue, admission):
+            if client.continue_in_lane(request, queue, admission, outgoing):
                 return True
             sent, sent_at = None, None
         else:
@@ -588,8 +591,19 @@ def _request_id(request: FastRequest) -> str:
     return request.request_id.decode("latin-1") if request.request_id else new_request_id()
 
 
-def _upstream_headers(client: FrontConnection, request: FastRequest, request_id: str) -> list[tuple[bytes, bytes]]:
-    return upstream_headers(
+class _Outgoing(NamedTuple):
+    """The parts of a fast-path request that floydd sends the app, besides the method."""
+
+    request_id: str
+    headers: list[tuple[bytes, bytes]]
+    target: bytes
+
+
+def _outgoing(client: FrontConnection, request: FastRequest, request_id: str | None = None) -> _Outgoing:
+    """Build the request id, end-to-end headers and target sent to the app; `request_id` if already chosen."""
+    if request_id is None:
+        request_id = _request_id(request)
+    headers = upstream_headers(
         request.headers,
         peer=client.peer,
         host=request.host,
@@ -597,6 +611,7 @@ def _upstream_headers(client: FrontConnection, request: FastRequest, request_id:
         job_id=request.job_id,
         request_id=request_id,
     )
+    return _Outgoing(request_id, headers, _upstream_target(request.url, request.job_id))
 
 
 class _Lane:
@@ -640,6 +655,7 @@ class _Lane:
         queue: JobQueue,
         admission: Admission,
         connection: AppConnection,
+        outgoing: _Outgoing,
     ) -> None:
         self.server = server
         self.client = client
@@ -647,9 +663,7 @@ class _Lane:
         self.queue = queue
         self.admission = admission
         self.connection = connection
-        self.request_id = _request_id(request)
-        self.headers = _upstream_headers(client, request, self.request_id)
-        self.target = _upstream_target(request.url, request.job_id)
+        self.request_id, self.headers, self.target = outgoing
         self.message = connection.begin()
         self.sent_at = 0.0
         # The response head for the client, once the app's head has arrived and the body is small.
