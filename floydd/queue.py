@@ -100,6 +100,7 @@ class JobQueue:
         # Slots granted, counting waiters whose grant their task has not yet seen.
         self._busy = 0
         self._service_s = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def depth(self) -> int:
@@ -225,24 +226,33 @@ class JobQueue:
                 max_queue_depth=self.max_depth,
                 headers={"Retry-After": str(self.retry_after_s())},
             )
-        waiter: asyncio.Future[ConnectionPool] = asyncio.get_running_loop().create_future()
+        loop = self._running_loop()
+        waiter: asyncio.Future[ConnectionPool] = loop.create_future()
         self._waiters[waiter] = None
+        # The timer sets QueueTimeout on the waiter instead of cancelling the task, so whichever of
+        # the grant, the job's end and the timeout comes first decides the outcome. With
+        # asyncio.timeout(), a grant in the same loop pass became a 503 with the slot still busy.
+        timer = loop.call_later(timeout_s, self._expire, waiter, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await waiter
-        except TimeoutError as exc:
-            if waiter.done() and not waiter.cancelled():
-                # The slot or the job's end came in the same loop pass as the timeout. Take it,
-                # because the slot is counted as busy and nothing else would give it back.
-                return waiter.result()
-            raise self._queue_timeout(timeout_s) from exc
+            return await waiter
         except asyncio.CancelledError:
             # The client left. If the slot was granted in the same instant, hand it on.
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release()
             raise
         finally:
+            timer.cancel()
             self._waiters.pop(waiter, None)
+
+    def _expire(self, waiter: asyncio.Future[ConnectionPool], timeout_s: float) -> None:
+        if not waiter.done():
+            waiter.set_exception(self._queue_timeout(timeout_s))
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Kept because asyncio.get_running_loop() makes a getpid() system call on every call in Python 3.11.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def _queue_timeout(self, timeout_s: float) -> QueueTimeout:
         return QueueTimeout(
