@@ -242,13 +242,14 @@ def _render_targets(by_key: dict[tuple[int, str], Summary]) -> list[str]:
         throughput = floydd.median("requests_per_s") / haproxy.median("requests_per_s")
         tail = floydd.median("p99_ms") / haproxy.median("p99_ms")
         verdict = "met" if throughput >= 1 and tail <= 1 else "not met"
+        # Three decimals, so that a verdict never sits beside a ratio that rounds to 1.00.
         line = (
             f"- {connections} client{'s' if connections > 1 else ''}: {verdict}, "
-            f"{throughput:.2f} of HAProxy's requests/s with {tail:.2f} of its p99"
+            f"{throughput:.3f} of HAProxy's requests/s with {tail:.3f} of its p99"
         )
         if connections == 1:
             to_direct = floydd.median("requests_per_s") / direct.median("requests_per_s")
-            line += f"; {to_direct:.2f} of direct access, against {DIRECT_TARGET:.2f}"
+            line += f"; {to_direct:.3f} of direct access, against {DIRECT_TARGET:.2f}"
         lines.append(line + ".")
     haproxy, direct, bare = (by_key.get((1, path)) for path in ("HAProxy", "direct", "bare proxy"))
     if haproxy is not None and direct is not None and bare is not None:
