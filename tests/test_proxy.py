@@ -130,6 +130,31 @@ async def test_preconnect_spare_closed_by_app(tmp_path: Path) -> None:
     assert upstream.connections > 4
 
 
+# The first connection serves the first request, the second the second, and the third is the first spare.
+FIRST_SPARE = 3
+
+
+def delay_connects(
+    monkeypatch: pytest.MonkeyPatch, delay_s: float, *, only: int | None = None, after_connect: bool = False
+) -> None:
+    """Make ConnectionPool._open wait `delay_s` on every call, or on the `only`-th, before or after it connects."""
+    open_connection = upstream_module.ConnectionPool._open
+    calls = 0
+
+    async def delayed_open(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
+        nonlocal calls
+        calls += 1
+        delayed = only is None or calls == only
+        if delayed and not after_connect:
+            await asyncio.sleep(delay_s)
+        connection = await open_connection(pool)
+        if delayed and after_connect:
+            await asyncio.sleep(delay_s)
+        return connection
+
+    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", delayed_open)
+
+
 async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request that arrives while the spare is still connecting waits for it instead of opening another.
 
@@ -138,19 +163,8 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
     wait behind the spare, on which the app waits for a request, until floydd
     closes the unused spare after POOL_IDLE_TIMEOUT_S, past the response timeout.
     """
-    opened = 0
-    open_connection = upstream_module.ConnectionPool._open
-
-    async def open_spare_late(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
-        nonlocal opened
-        connection = await open_connection(pool)
-        opened += 1
-        if opened == 3:
-            # The third connection is the first spare: connected, but seen by floydd only after the next
-            # request arrived, though within SPARE_WAIT_S.
-            await asyncio.sleep(upstream_module.SPARE_WAIT_S / 2)
-        return connection
-
+    # The spare is connected, but floydd sees it only after the next request arrived, though within SPARE_WAIT_S.
+    delay_connects(monkeypatch, upstream_module.SPARE_WAIT_S / 2, only=FIRST_SPARE, after_connect=True)
     serving = asyncio.Lock()
 
     async def one_at_a_time_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,7 +174,6 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
             await writer.drain()
             writer.close()
 
-    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_spare_late)
     upstream = await raw_upstream(one_at_a_time_app)
     async with (
         running_proxy(tmp_path, upstream.port, response_timeout_s=1) as proxy,
@@ -178,18 +191,8 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
 
 async def test_stuck_spare_not_awaited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request waits for a spare whose connect is stuck only SPARE_WAIT_S, then opens its own connection."""
-    opened = 0
-    open_connection = upstream_module.ConnectionPool._open
-
-    async def open_spare_stuck(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
-        nonlocal opened
-        opened += 1
-        if opened == 3:
-            # The first spare: its connect hangs, as after a lost SYN, until CONNECT_TIMEOUT_S.
-            await asyncio.sleep(30)
-        return await open_connection(pool)
-
-    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_spare_stuck)
+    # The spare's connect hangs, as after a lost SYN, until CONNECT_TIMEOUT_S.
+    delay_connects(monkeypatch, 30, only=FIRST_SPARE)
     upstream = await raw_upstream(closing_app)
     # Well below CONNECT_TIMEOUT_S, so a request that waited for the stuck spare until then would get 504.
     async with (
@@ -882,13 +885,7 @@ async def test_response_timeout_starts_after_connect(tmp_path: Path, monkeypatch
         writer.write(http_response(b"slow", headers=("Connection: close",)))
         await writer.drain()
 
-    open_connection = upstream_module.ConnectionPool._open
-
-    async def slow_open(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
-        await asyncio.sleep(0.4)
-        return await open_connection(pool)
-
-    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", slow_open)
+    delay_connects(monkeypatch, 0.4)
     upstream = await raw_upstream(slow_app)
     async with (
         running_proxy(tmp_path, upstream.port, response_timeout_s=0.5) as proxy,
