@@ -314,11 +314,12 @@ class FrontConnection(asyncio.Protocol):
     def continue_in_lane(
         self, request: FastRequest, queue: JobQueue, admission: Admission, outgoing: _Outgoing
     ) -> bool:
-        """Serve a request admitted after a wait from callbacks alone, if its connection is ready; return whether.
+        """Serve a request admitted after a wait from callbacks if a connection is ready, and return whether it did.
 
         A connection that is closing keeps the request in its task, which is what shutdown waits for.
+        The job has not ended: JobQueue.admit() raises instead of admitting a request of an ended job.
         """
-        if self.closing or admission.ended is not None or queue.closed is not None:
+        if self.closing:
             return False
         connection = admission.pool.take(POOL_IDLE_TIMEOUT_S)
         if connection is None:
@@ -554,7 +555,7 @@ async def serve_fast(
                 raise await proxy.not_serving(job_id)
             # Built before the request waits, so that its turn starts with the write to the app.
             outgoing = _outgoing(client, request, request_id)
-            request_id, headers, target = outgoing
+            headers, target = outgoing.headers, outgoing.target
             admission = await queue.admit(proxy.settings.queue_timeout_s)
             server.metrics.admitted(job_id, admission.queued_s)
             if client.continue_in_lane(request, queue, admission, outgoing):

@@ -163,7 +163,7 @@ async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pyte
     wait behind the spare, on which the app waits for a request, until floydd
     closes the unused spare after POOL_IDLE_TIMEOUT_S, past the response timeout.
     """
-    # The spare is connected, but floydd sees it only after the next request arrived, though within SPARE_WAIT_S.
+    # The spare is connected, but floydd notices only after the next request arrived, though within SPARE_WAIT_S.
     delay_connects(monkeypatch, upstream_module.SPARE_WAIT_S / 2, only=FIRST_SPARE, after_connect=True)
     serving = asyncio.Lock()
 

@@ -129,8 +129,8 @@ async def test_timeout_as_slot_granted() -> None:
     queue = JobQueue("j", max_depth=10)
     queue.open(UPSTREAM)
     first = await queue.admit(timeout_s=10)
-    # With timeout_s=0, asyncio.timeout() expires through call_soon, so the grant scheduled below
-    # and the timeout reach the waiting task in the same loop pass.
+    # With timeout_s=0 the timeout is due at once, so it and the grant scheduled below both reach
+    # the waiter before the waiting task runs again.
     waiter = asyncio.create_task(queue.admit(timeout_s=0))
     asyncio.get_running_loop().call_soon(queue.release, first)
     (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
