@@ -8,6 +8,7 @@ closed under the proxy) cannot be produced on demand by a Flask app.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, Relay
 from floydd.queue import Admission
 from tests.proxy_harness import (
+    Handler,
     ProxyUnderTest,
     RawUpstream,
     http_response,
@@ -950,3 +952,38 @@ async def test_pipelined_lane_crash_frees_slot(tmp_path: Path, monkeypatch: pyte
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     assert second.startswith(b"HTTP/1.1 500 ")
     assert in_flight == 0
+
+
+@pytest.mark.parametrize("handler", [keepalive_app, closing_app], ids=["keep-alive", "close"])
+async def test_requests_leave_no_reference_cycles(tmp_path: Path, handler: Handler) -> None:
+    """floydd's objects for a request are freed as it ends, not later by the cycle collector.
+
+    The collector's pauses grow with the garbage it finds, and they show in the
+    latency of whichever requests they delay.
+    """
+    upstream = await raw_upstream(handler)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        # The first responses decide between pooled connections and spares.
+        for _ in range(3):
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                await response.read()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(20):
+                async with client.get(proxy.url + proxy.path("/")) as response:
+                    await response.read()
+            gc.collect()
+            in_cycles = {type(found).__qualname__ for found in gc.garbage if _from_floydd_or_its_parser(found)}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert in_cycles == set()
+
+
+def _from_floydd_or_its_parser(found: object) -> bool:
+    module = type(found).__module__
+    if module == "builtins" and hasattr(found, "__self__"):
+        # A bound method, as a parser holds its protocol's callbacks.
+        module = type(found.__self__).__module__
+    return module.startswith(("floydd.", "httptools."))
