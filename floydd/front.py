@@ -170,7 +170,13 @@ class FrontConnection(asyncio.Protocol):
         self._lane: _Lane | None = None
         # Set while shutdown waits for the lane's request to end.
         self._lane_ended: asyncio.Future[None] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # One timer serves both the keep-alive limit of an idle connection and the lane's response limit.
+        # It is moved only when a deadline comes earlier than the one it is set for; when it fires early it
+        # is set again, so a steady stream of requests makes no timer calls at all.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        # When an idle connection closes; meaningful only while no request is in flight.
+        self._idle_deadline = 0.0
         self._flow = WriteFlowControl()
         self._read_paused = False
         self._close_when_idle = False
@@ -202,7 +208,7 @@ class FrontConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        self._cancel_idle_timer()
+        self._cancel_timer()
         # Like aiohttp's handler_cancellation: the request leaves the queue or breaks off the app's exchange.
         if self._task is not None:
             self._task.cancel()
@@ -292,7 +298,6 @@ class FrontConnection(asyncio.Protocol):
             self._hand_off()
             return
         del buffer[: end + 4]
-        self._cancel_idle_timer()
         self._response_started = False
         if not self._start_lane(request):
             self._task = self._loop.create_task(self._serve(request))
@@ -483,7 +488,7 @@ class FrontConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        self._cancel_idle_timer()
+        self._cancel_timer()
         self._server.connections.discard(self)
         handler = self._server.aiohttp_server()
         transport.set_protocol(handler)
@@ -499,18 +504,40 @@ class FrontConnection(asyncio.Protocol):
 
     def _start_idle_timer(self) -> None:
         # aiohttp's keep-alive timeout, which it also applies to a connection whose first head has not arrived.
-        self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(self._server.settings.keepalive_timeout_s, self._close_idle)
+        self._idle_deadline = time.monotonic() + self._server.settings.keepalive_timeout_s
+        self.set_timer(self._idle_deadline)
 
-    def _cancel_idle_timer(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+    def set_timer(self, deadline: float) -> None:
+        """Make the connection's timer fire no later than `deadline` (time.monotonic())."""
+        timer = self._timer
+        if timer is not None:
+            if self._timer_at <= deadline:
+                return
+            timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._on_timer)
 
-    def _close_idle(self) -> None:
-        self._idle_timer = None
-        if self._task is None and self._lane is None and self._transport is not None:
-            self._transport.close()
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        """Act on the deadline of what the connection is doing now: its lane's, or its keep-alive limit when idle."""
+        self._timer = None
+        now = time.monotonic()
+        lane = self._lane
+        if lane is not None:
+            if now < lane.deadline:
+                self.set_timer(lane.deadline)
+            else:
+                lane.deadline_passed()
+        elif self._task is None:
+            if now < self._idle_deadline:
+                self.set_timer(self._idle_deadline)
+            elif self._transport is not None:
+                self._transport.close()
+        # A request served by a task applies its own limits, and the timer is set again when it ends.
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -641,9 +668,9 @@ class _Lane:
         "headers",
         "target",
         "sent_at",
+        "deadline",
         "head",
         "bodyless",
-        "timer",
         "ended",
         "task_started",
     )
@@ -667,11 +694,12 @@ class _Lane:
         self.request_id, self.headers, self.target = outgoing
         self.message = connection.begin()
         self.sent_at = 0.0
+        # When the lane hands the exchange to a task, which applies proxy.response_timeout_s and total_timeout_s.
+        self.deadline = 0.0
         # The response head for the client, once the app's head has arrived and the body is small.
         self.head = b""
         # Whether the response has no body for the client: HEAD, 204, 304.
         self.bodyless = False
-        self.timer: asyncio.TimerHandle | None = None
         # Set once the lane has sent the response, handed over or been cancelled.
         self.ended = False
         # Set by serve_fast when the task that takes over the exchange starts.
@@ -687,9 +715,9 @@ class _Lane:
         connection.write(request_head(request.method, self.target, self.headers, False, None))
         self.admission.pool.open_spare()
         settings = server.proxy.settings
-        # One timer for both limits; the task that takes over applies each exactly.
-        limit_s = min(settings.response_timeout_s, settings.total_timeout_s)
-        self.timer = connection.loop.call_later(limit_s, self._on_timer)
+        # One deadline for both limits; the task that takes over applies each exactly.
+        self.deadline = self.sent_at + min(settings.response_timeout_s, settings.total_timeout_s)
+        self.client.set_timer(self.deadline)
         self.admission.on_job_end(self._on_job_end)
         if not waited:
             # serve_fast counts a request that waited in the queue when it arrives and when it is admitted.
@@ -713,9 +741,10 @@ class _Lane:
     def _on_app_event(self) -> None:
         self._run(self._advance)
 
-    def _on_timer(self) -> None:
-        self.timer = None
-        self._run(self._hand_over)
+    def deadline_passed(self) -> None:
+        # The client's timer may outlive a lane that a vanished client ended, until connection_lost runs.
+        if not self.ended:
+            self._run(self._hand_over)
 
     def _on_job_end(self) -> None:
         self._run(self._job_ended)
@@ -801,9 +830,6 @@ class _Lane:
 
     def _detach(self) -> None:
         self.ended = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.connection.listener = None
         self.admission.on_job_end(None)
 

@@ -93,9 +93,17 @@ class ProxyUnderTest:
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    tmp_path: Path, upstream_port: int | None, *, concurrency: int = 1, **settings: object
+    tmp_path: Path,
+    upstream_port: int | None,
+    *,
+    concurrency: int = 1,
+    server_settings: ServerSettings | None = None,
+    **settings: object,
 ) -> AsyncIterator[ProxyUnderTest]:
-    """Serve `/expose/<id>` for one job whose queue is open to `upstream_port` (or still closed when None)."""
+    """Serve `/expose/<id>` for one job whose queue is open to `upstream_port` (or still closed when None).
+
+    `settings` are ProxySettings fields; `server_settings` replaces the default ServerSettings.
+    """
     proxy_settings = dataclasses.replace(ProxySettings(), **settings)  # type: ignore[arg-type]
     store = JobStore(tmp_path / "floydd.sqlite3")
     await store.open()
@@ -128,7 +136,7 @@ async def running_proxy(
     await runner.setup()
     assert runner.server is not None
     # floydd's front, as floydd.cli installs it: plain GETs take the fast path, the rest go to aiohttp.
-    front = FrontServer(runner.server, proxy, queues, metrics, ServerSettings())
+    front = FrontServer(runner.server, proxy, queues, metrics, server_settings or ServerSettings())
     server = await asyncio.get_running_loop().create_server(front, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:

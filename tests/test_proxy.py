@@ -8,7 +8,9 @@ closed under the proxy) cannot be produced on demand by a Flask app.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 from aiohttp import web
 
 from floydd import upstream as upstream_module
+from floydd.config import ServerSettings
 from floydd.errors import JobNotServing
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, Relay
@@ -736,7 +739,7 @@ async def test_request_on_pooled_connection(
     tmp_path: Path,
     method: str,
     tail: str,
-    settings: dict[str, float],
+    settings: dict[str, Any],
     status: int,
     expected: bytes,
     connections: int,
@@ -952,6 +955,43 @@ async def test_pipelined_lane_crash_frees_slot(tmp_path: Path, monkeypatch: pyte
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     assert second.startswith(b"HTTP/1.1 500 ")
     assert in_flight == 0
+
+
+async def test_keepalive_limit_counts_idle_time_only(tmp_path: Path) -> None:
+    """A fast-path connection closes after server.keepalive_timeout_s idle, never while it is in use.
+
+    One timer per connection serves both the keep-alive limit and the response
+    limit of a request served from callbacks. Here the response limit falls
+    after the keep-alive limit that the timer was last set for.
+    """
+    upstream = await raw_upstream(scripted_keepalive_app)
+    server_settings = dataclasses.replace(ServerSettings(), keepalive_timeout_s=0.3)
+    async with running_proxy(tmp_path, upstream.port, server_settings=server_settings, response_timeout_s=0.6) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+
+        async def get(tail: str) -> bytes:
+            writer.write(f"GET {proxy.path(tail)} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            assert length is not None
+            return head + await reader.readexactly(int(length[1]))
+
+        try:
+            # Twice as long as the keep-alive limit in all, but never idle for as long.
+            responses = []
+            for _ in range(6):
+                responses.append(await get("/warm"))
+                await asyncio.sleep(0.1)
+            # Served from callbacks on the pooled connection, until its response limit hands it to a task.
+            stalled = await get("/stall")
+            async with asyncio.timeout(5):
+                closed_when_idle = await reader.read() == b""
+        finally:
+            writer.close()
+    assert all(response.endswith(b"\r\n\r\nwarm") for response in responses)
+    assert stalled.startswith(b"HTTP/1.1 504 ")
+    assert b"response_timeout_s" in stalled
+    assert closed_when_idle
 
 
 @pytest.mark.parametrize("handler", [keepalive_app, closing_app], ids=["keep-alive", "close"])
