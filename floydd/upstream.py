@@ -159,8 +159,12 @@ class AppConnection(asyncio.Protocol):
     callbacks alone (floydd.front).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_connected: Callable[[AppConnection], None] | None = None
+    ) -> None:
         self.loop = loop
+        # Called from connection_made, a loop pass or two before the task that opened the connection resumes.
+        self.on_connected = on_connected
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         # The response being read, or None between exchanges.
@@ -181,6 +185,9 @@ class AppConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        on_connected, self.on_connected = self.on_connected, None
+        if on_connected is not None:
+            on_connected(self)
 
     def data_received(self, data: bytes) -> None:
         message = self.message
@@ -341,6 +348,9 @@ class ConnectionPool:
         # which shows that the next request would need a new connection.
         self._app_closes_connections = False
         self._connecting: asyncio.Task[None] | None = None
+        self._connecting_since = 0.0
+        # Resolved once the spare being opened is offered or has failed; created only when a request waits.
+        self._spare_waiter: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -373,12 +383,13 @@ class ConnectionPool:
         connects took 0.3 to 1 ms and none took longer. The wait ends after
         SPARE_WAIT_S, since a connect pending that long is stuck.
         """
-        connecting = self._connecting
-        if connecting is None:
+        if self._connecting is None:
             return None
-        # asyncio.wait, unlike awaiting the task, leaves the connect running if this request is cancelled.
-        # NOTE: a spare connected within SPARE_WAIT_S but seen by floydd only later can still stall such an app.
-        await asyncio.wait({connecting}, timeout=SPARE_WAIT_S)
+        waiter = self._spare_waiter
+        if waiter is None:
+            waiter = self._spare_waiter = self.loop.create_future()
+        # asyncio.wait, unlike awaiting the future, leaves it pending for other waiters if this request is cancelled.
+        await asyncio.wait({waiter}, timeout=SPARE_WAIT_S)
         return self.take(max_idle_s)
 
     async def connect(self) -> AppConnection:
@@ -389,15 +400,15 @@ class ConnectionPool:
         except TimeoutError as exc:
             raise self._not_accepting("connect timed out") from exc
 
-    async def _open(self) -> AppConnection:
+    async def _open(self, connection: AppConnection | None = None) -> AppConnection:
+        """Connect `connection`, or a new AppConnection, to the app."""
         loop = self.loop
+        protocol = connection or AppConnection(loop)
         try:
-            _, connection = await loop.create_connection(
-                lambda: AppConnection(loop), self.upstream.host, self.upstream.port
-            )
+            await loop.create_connection(lambda: protocol, self.upstream.host, self.upstream.port)
         except OSError as exc:
             raise self._not_accepting(str(exc)) from exc
-        return connection
+        return protocol
 
     def _not_accepting(self, reason: str) -> UpstreamRefused:
         return UpstreamRefused(f"the app is not accepting connections on port {self.upstream.port}: {reason}")
@@ -429,24 +440,26 @@ class ConnectionPool:
 
     def open_spare(self) -> None:
         """Start opening a connection for the next request if this app will need one."""
-        if (
-            not self._preconnect
-            or not self._app_closes_connections
-            or self._closed
-            or self._idle
-            or self._connecting is not None
-        ):
+        if not self._preconnect or not self._app_closes_connections or self._closed or self._idle:
             return
-        loop = self.loop
-        task = self._connecting = loop.create_task(self._connect_spare())
-        # A timer, not asyncio.timeout() in the task, which costs more: with an app that closes
-        # connections, this connect runs once per request.
-        timer = loop.call_later(CONNECT_TIMEOUT_S, task.cancel)
-        task.add_done_callback(lambda _: timer.cancel())
+        now = time.monotonic()
+        connecting = self._connecting
+        if connecting is not None:
+            # CONNECT_TIMEOUT_S is checked here, by the next request, instead of by a timer or
+            # asyncio.timeout(): with an app that closes connections this connect runs once per
+            # request, and either costs more than the connect's own Python code.
+            # NOTE: without a next request, a connect whose SYN is lost ends when the kernel gives up.
+            if now - self._connecting_since > CONNECT_TIMEOUT_S:
+                connecting.cancel()
+            return
+        self._connecting_since = now
+        spare = AppConnection(self.loop, self._spare_connected)
+        self._connecting = self.loop.create_task(self._connect_spare(spare))
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when their exchange ends."""
         self._closed = True
+        self._spare_settled()
         if self._connecting is not None:
             self._connecting.cancel()
         if self._expiry is not None:
@@ -454,16 +467,30 @@ class ConnectionPool:
         while self._idle:
             self._idle.pop().abort()
 
-    async def _connect_spare(self) -> None:
+    async def _connect_spare(self, spare: AppConnection) -> None:
         try:
-            connection = await self._open()
+            await self._open(spare)
         except UpstreamRefused as exc:
             # The request that needs a connection next tries on its own and reports the error.
             log.debug("upstream_preconnect_failed", port=self.upstream.port, error=exc.detail)
-            return
         finally:
-            self._connecting = None
-        self.put(connection)
+            if spare.transport is None:
+                # Never connected, so _spare_connected did not run. A connected spare may be followed
+                # by a new connect by now, which this task must not forget.
+                self._connecting = None
+                self._spare_settled()
+
+    def _spare_connected(self, spare: AppConnection) -> None:
+        """Offer the spare as soon as its connection is made, before the task that opened it resumes."""
+        self._connecting = None
+        self.put(spare)
+        self._spare_settled()
+
+    def _spare_settled(self) -> None:
+        """Wake the requests waiting in take_spare_being_opened."""
+        waiter, self._spare_waiter = self._spare_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _schedule_expiry(self) -> None:
         if self._expiry is None and self._idle:

@@ -142,20 +142,31 @@ FIRST_SPARE = 3
 def delay_connects(
     monkeypatch: pytest.MonkeyPatch, delay_s: float, *, only: int | None = None, after_connect: bool = False
 ) -> None:
-    """Make ConnectionPool._open wait `delay_s` on every call, or on the `only`-th, before or after it connects."""
+    """Make ConnectionPool._open wait `delay_s` on every call, or on the `only`-th, before it connects.
+
+    With `after_connect`, the `only`-th connect, which must be a spare's, succeeds
+    at once, and floydd learns of it `delay_s` later.
+    """
     open_connection = upstream_module.ConnectionPool._open
     calls = 0
 
-    async def delayed_open(pool: upstream_module.ConnectionPool) -> upstream_module.AppConnection:
+    async def delayed_open(
+        pool: upstream_module.ConnectionPool, connection: upstream_module.AppConnection | None = None
+    ) -> upstream_module.AppConnection:
         nonlocal calls
         calls += 1
         delayed = only is None or calls == only
         if delayed and not after_connect:
             await asyncio.sleep(delay_s)
-        connection = await open_connection(pool)
         if delayed and after_connect:
-            await asyncio.sleep(delay_s)
-        return connection
+            assert connection is not None and connection.on_connected is not None, "only a spare is noticed late"
+            notify = connection.on_connected
+
+            def notice_late(spare: upstream_module.AppConnection) -> None:
+                pool.loop.call_later(delay_s, notify, spare)
+
+            connection.on_connected = notice_late
+        return await open_connection(pool, connection)
 
     monkeypatch.setattr(upstream_module.ConnectionPool, "_open", delayed_open)
 
@@ -1027,3 +1038,40 @@ def _from_floydd_or_its_parser(found: object) -> bool:
         # A bound method, as a parser holds its protocol's callbacks.
         module = type(found.__self__).__module__
     return module.startswith(("floydd.", "httptools."))
+
+
+async def test_stuck_spare_given_up_after_connect_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spare whose connect is pending past CONNECT_TIMEOUT_S is cancelled by a later request."""
+    monkeypatch.setattr(upstream_module, "CONNECT_TIMEOUT_S", 0.2)
+    open_connection = upstream_module.ConnectionPool._open
+    opened = 0
+    stuck_cancelled = asyncio.Event()
+
+    async def open_with_stuck_spare(
+        pool: upstream_module.ConnectionPool, connection: upstream_module.AppConnection | None = None
+    ) -> upstream_module.AppConnection:
+        nonlocal opened
+        opened += 1
+        if opened == FIRST_SPARE:
+            # As after a lost SYN: nothing happens until the connect is given up.
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                stuck_cancelled.set()
+                raise
+        return await open_connection(pool, connection)
+
+    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_with_stuck_spare)
+    upstream = await raw_upstream(closing_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        statuses = []
+        for pause_s in (0.0, 0.0, 0.0, 0.3, 0.0, 0.0):
+            await asyncio.sleep(pause_s)
+            async with client.get(proxy.url + proxy.path("/")) as response:
+                await response.read()
+                statuses.append(response.status)
+        spares_after = opened
+    assert statuses == [200] * 6
+    assert stuck_cancelled.is_set()
+    # Connects went on after the stuck one: each request that took a connection opened the next spare.
+    assert spares_after > FIRST_SPARE + 2
