@@ -154,9 +154,20 @@ def _request_upstream_headers(request: web.Request, job_id: str, request_id: str
     )
 
 
+# Connection options that name no header to drop: RFC 9110 section 7.6.1 reserves the field name
+# "Close" for that reason, and Keep-Alive is hop-by-hop anyway. Werkzeug sends "close" with
+# every response, so recognising it saves a second pass over the headers.
+CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
     """Return the header names, lowercased, that a `Connection` header value marks as hop-by-hop."""
-    return [token.strip().lower() for token in value.split(b",") if token.strip()]
+    lowered = value.lower()
+    if lowered in CONNECTION_OPTIONS:
+        return []
+    return [
+        token for token in (part.strip() for part in lowered.split(b",")) if token and token not in CONNECTION_OPTIONS
+    ]
 
 
 async def no_automatic_continue(request: web.Request) -> None:

@@ -181,7 +181,7 @@ class JobQueue:
 
     def admit_now(self) -> Admission:
         """Take a slot without waiting. Call it only right after `can_admit_now()` returned True."""
-        assert self._pool is not None and self.can_admit_now(), "admit_now() without a free slot"
+        assert self._pool is not None, "admit_now() before open()"
         self._busy += 1
         admission = Admission(self._pool, 0.0)
         self._admitted.add(admission)

@@ -451,7 +451,7 @@ async def test_hop_by_hop_headers_dropped(tmp_path: Path) -> None:
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head, _ = await read_request(reader)
         received.append(head)
-        headers = ("Connection: X-App-Hop", "X-App-Hop: 1", "Keep-Alive: timeout=5", "X-End: 1")
+        headers = ("Connection: keep-alive, X-App-Hop", "X-App-Hop: 1", "Keep-Alive: timeout=5", "X-End: 1")
         writer.write(http_response(b"ok", headers=headers))
 
     upstream = await raw_upstream(record)
