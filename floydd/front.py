@@ -171,11 +171,11 @@ class FrontConnection(asyncio.Protocol):
         # Set while shutdown waits for the lane's request to end.
         self._lane_ended: asyncio.Future[None] | None = None
         # One timer serves both the keep-alive limit of an idle connection and the lane's response limit.
-        # It is moved only when a deadline comes earlier than the one it is set for; when it fires early it
-        # is set again, so a steady stream of requests makes no timer calls at all.
+        # It moves only to a deadline earlier than the one it is set for, and a timer that fires before
+        # the current deadline is set again. So a steady stream of requests makes no timer calls at all.
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        # When an idle connection closes; meaningful only while no request is in flight.
+        # When the connection closes if it stays idle. It is meaningful only while no request is in flight.
         self._idle_deadline = 0.0
         self._flow = WriteFlowControl()
         self._read_paused = False
@@ -523,7 +523,10 @@ class FrontConnection(asyncio.Protocol):
             self._timer = None
 
     def _on_timer(self) -> None:
-        """Act on the deadline of what the connection is doing now: its lane's, or its keep-alive limit when idle."""
+        """Hand a lane past its deadline to a task, or close a connection idle past its keep-alive limit.
+
+        A timer that fired before the current deadline is set again for it.
+        """
         self._timer = None
         now = time.monotonic()
         lane = self._lane

@@ -305,9 +305,10 @@ class AppConnection(asyncio.Protocol):
     def _end_parsing(self) -> None:
         """Drop the current message's parser, which no more bytes will reach.
 
-        The parser holds the message's bound methods and the message holds the
-        parser. Left alone, every exchange would leave this cycle for the
-        garbage collector, whose more frequent pauses then show in the latency tail.
+        The parser keeps references to the message's bound methods, and the
+        message to the parser. Left alone, every exchange would leave this cycle
+        for the garbage collector, whose more frequent pauses then show in the
+        latency tail.
         """
         if self.message is not None:
             self.message.parser = None
@@ -349,7 +350,7 @@ class ConnectionPool:
         self._app_closes_connections = False
         self._connecting: asyncio.Task[None] | None = None
         self._connecting_since = 0.0
-        # Resolved once the spare being opened is offered or has failed; created only when a request waits.
+        # Resolved once the spare being opened is offered or has failed. It is created only when a request waits.
         self._spare_waiter: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -445,9 +446,9 @@ class ConnectionPool:
         now = time.monotonic()
         connecting = self._connecting
         if connecting is not None:
-            # CONNECT_TIMEOUT_S is checked here, by the next request, instead of by a timer or
-            # asyncio.timeout(): with an app that closes connections this connect runs once per
-            # request, and either costs more than the connect's own Python code.
+            # The next request checks CONNECT_TIMEOUT_S here. A timer or asyncio.timeout() per connect
+            # would cost more than the connect's own Python code, and with an app that closes
+            # connections there is one connect per request.
             # NOTE: without a next request, a connect whose SYN is lost ends when the kernel gives up.
             if now - self._connecting_since > CONNECT_TIMEOUT_S:
                 connecting.cancel()

@@ -1035,12 +1035,12 @@ async def test_requests_leave_no_reference_cycles(tmp_path: Path, handler: Handl
 def _from_floydd_or_its_parser(found: object) -> bool:
     module = type(found).__module__
     if module == "builtins" and hasattr(found, "__self__"):
-        # A bound method, as a parser holds its protocol's callbacks.
+        # A bound method, as a parser keeps its protocol's callbacks.
         module = type(found.__self__).__module__
     return module.startswith(("floydd.", "httptools."))
 
 
-async def test_stuck_spare_given_up_after_connect_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_stuck_spare_connect_given_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A spare whose connect is pending past CONNECT_TIMEOUT_S is cancelled by a later request."""
     monkeypatch.setattr(upstream_module, "CONNECT_TIMEOUT_S", 0.2)
     open_connection = upstream_module.ConnectionPool._open
