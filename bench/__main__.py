@@ -45,7 +45,7 @@ OPEN_FILES = 65536
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per path and concurrency (default 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per path and concurrency (default 5)")
     parser.add_argument("--round-seconds", type=float, default=5, help="length of one wrk round in seconds")
     parser.add_argument("--clients", default="1,8,64", help="comma-separated concurrent client counts (default 1,8,64)")
     parser.add_argument("--body-mib", type=int, default=1024, help="size of the large body each way, in MiB")

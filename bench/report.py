@@ -245,7 +245,8 @@ def _render_targets(by_key: dict[tuple[int, str], Summary]) -> list[str]:
         # Three decimals, so that a verdict never sits beside a ratio that rounds to 1.00.
         line = (
             f"- {connections} client{'s' if connections > 1 else ''}: {verdict}, "
-            f"{throughput:.3f} of HAProxy's requests/s with {tail:.3f} of its p99"
+            f"{throughput:.3f} of HAProxy's requests/s ({_round_ratios(floydd, haproxy)}) "
+            f"with {tail:.3f} of its p99"
         )
         if connections == 1:
             to_direct = floydd.median("requests_per_s") / direct.median("requests_per_s")
@@ -265,8 +266,35 @@ def _render_targets(by_key: dict[tuple[int, str], Summary]) -> list[str]:
         ]
         if best < DIRECT_TARGET:
             lines.append(f"Neither reaches the {DIRECT_TARGET:.2f} of direct access that floydd's target asks for.")
+    floydd = by_key.get((1, "floydd"))
+    if haproxy is not None and floydd is not None:
+        lines += ["", _one_client_gap(floydd, haproxy)]
     lines.append("")
     return lines
+
+
+def _round_ratios(floydd: Summary, haproxy: Summary) -> str:
+    """Describe the spread of floydd/HAProxy requests/s over rounds, each ratio taken within one round."""
+    ratios = sorted(
+        mine.requests_per_s / theirs.requests_per_s
+        for mine, theirs in zip(floydd.rounds, haproxy.rounds, strict=False)
+        if theirs.requests_per_s
+    )
+    if not ratios:
+        return "no round to compare"
+    return f"{ratios[0]:.2f} to {ratios[-1]:.2f} within single rounds"
+
+
+def _one_client_gap(floydd: Summary, haproxy: Summary) -> str:
+    """Compare how much longer a one-client request takes through floydd with the extra CPU floydd spends on it."""
+    longer_us = 1e6 / floydd.median("requests_per_s") - 1e6 / haproxy.median("requests_per_s")
+    extra_cpu_us = floydd.median("proxy_cpu_us_per_request") - haproxy.median("proxy_cpu_us_per_request")
+    return (
+        f"At one client a request took {_fmt(longer_us, 0)} µs longer through floydd than through HAProxy "
+        f"(from the median requests/s), and floydd spent {_fmt(extra_cpu_us, 0)} µs more CPU on it than "
+        "HAProxy did. With one client nothing else is in flight, so floydd's work on a request either "
+        "delays it or runs beside the app, docker-proxy and wrk on the machine's other CPU."
+    )
 
 
 def _path_row(summary: Summary) -> str:
