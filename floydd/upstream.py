@@ -382,9 +382,10 @@ class ConnectionPool:
         after POOL_IDLE_TIMEOUT_S. Waiting for the spare costs little: in one
         benchmark run at one client through docker-proxy, 8 % of the spares'
         connects took 0.3 to 1 ms and none took longer. The wait ends after
-        SPARE_WAIT_S, since a connect pending that long is stuck.
+        SPARE_WAIT_S, since a connect pending that long is stuck, and a connect
+        already pending past CONNECT_TIMEOUT_S is given up without a wait.
         """
-        if self._connecting is None:
+        if self._connecting is None or self._give_up_stuck_connect():
             return None
         waiter = self._spare_waiter
         if waiter is None:
@@ -443,19 +444,26 @@ class ConnectionPool:
         """Start opening a connection for the next request if this app will need one."""
         if not self._preconnect or not self._app_closes_connections or self._closed or self._idle:
             return
-        now = time.monotonic()
-        connecting = self._connecting
-        if connecting is not None:
-            # The next request checks CONNECT_TIMEOUT_S here. A timer or asyncio.timeout() per connect
-            # would cost more than the connect's own Python code, and with an app that closes
-            # connections there is one connect per request.
-            # NOTE: without a next request, a connect whose SYN is lost ends when the kernel gives up.
-            if now - self._connecting_since > CONNECT_TIMEOUT_S:
-                connecting.cancel()
+        if self._connecting is not None:
+            self._give_up_stuck_connect()
             return
-        self._connecting_since = now
+        self._connecting_since = time.monotonic()
         spare = AppConnection(self.loop, self._spare_connected)
         self._connecting = self.loop.create_task(self._connect_spare(spare))
+
+    def _give_up_stuck_connect(self) -> bool:
+        """Cancel the spare's connect if it is pending past CONNECT_TIMEOUT_S, and return whether it was.
+
+        The next request checks this, since a timer or asyncio.timeout() per connect would cost
+        more than the connect's own Python code, and an app that closes connections needs one
+        connect per request.
+        """
+        # NOTE: without a next request, a connect whose SYN is lost ends only when the kernel gives up.
+        connecting = self._connecting
+        if connecting is None or time.monotonic() - self._connecting_since <= CONNECT_TIMEOUT_S:
+            return False
+        connecting.cancel()
+        return True
 
     def close(self) -> None:
         """Close the idle connections; connections in use close when their exchange ends."""
