@@ -96,6 +96,7 @@ class _Message:
         "body",
         "body_bytes",
         "head_at",
+        "overflow",
         "parser",
     )
 
@@ -113,16 +114,29 @@ class _Message:
         self.body_bytes = 0
         # time.monotonic() when the head was complete.
         self.head_at = 0.0
+        # Set when bytes of another response followed this one in the same read. They are dropped,
+        # and the connection is not reused, since the app has broken the request-response order.
+        self.overflow = False
         # The parser refers to the message too; AppConnection._end_parsing() breaks the cycle.
         self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
 
+    # llhttp goes on parsing after a complete response, so each callback leaves a complete message alone.
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.overflow = True
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status
+        if not self.complete:
+            self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        if not self.complete:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return
         parser = self.parser
         assert parser is not None, "a message is parsed only until its exchange ends"
         self.status = parser.get_status_code()
@@ -133,10 +147,13 @@ class _Message:
             self.keep_alive = parser.get_http_version() == "1.1" and bool(parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.body_bytes += len(body)
+        if not self.complete:
+            self.body.append(body)
+            self.body_bytes += len(body)
 
     def on_message_complete(self) -> None:
+        if self.complete:
+            return
         if _is_interim(self.status):
             # 100 Continue or 103 Early Hints: discard it, the real response follows.
             self.reason = b""
@@ -198,17 +215,26 @@ class AppConnection(asyncio.Protocol):
         try:
             message.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            # A 101 upgrade; its head is complete and the rest belongs to the new protocol.
-            message.headers_complete = True
-            message.upgrade = True
-            message.upgrade_tail = data[int(upgrade.args[0]) :]
-            self._pause_reading()
+            if message.overflow:
+                # A second response in the read asked for an upgrade. It is dropped like any other.
+                self._stray = True
+            else:
+                # A 101 upgrade; its head is complete and the rest belongs to the new protocol.
+                message.headers_complete = True
+                message.upgrade = True
+                message.upgrade_tail = data[int(upgrade.args[0]) :]
+                self._pause_reading()
         except httptools.HttpParserError as exc:
-            if message.headers_complete:
+            if message.complete:
+                # Invalid bytes after a complete response are dropped with the connection, like a second response.
+                self._stray = True
+            elif message.headers_complete:
                 self.error = UpstreamBroken(f"the app sent an invalid response body: {exc}")
             else:
                 self.error = BadGateway(f"the app sent an invalid HTTP response: {exc}")
             self._pause_reading()
+        if message.overflow:
+            self._stray = True
         if message.body_bytes > READ_HIGH_WATER_BYTES:
             self._pause_reading()
         self._wake()

@@ -1079,3 +1079,53 @@ async def test_stuck_spare_connect_given_up(tmp_path: Path, monkeypatch: pytest.
     assert stuck_cancelled.is_set()
     # Connects went on after the stuck one: the requests after it opened spares again.
     assert connects > FIRST_SPARE + 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 6\r\nX-Second: 1\r\n\r\nsecond",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x-second\r\n\r\nsecond",
+        b"\x00 no response\r\n\r\n",
+    ],
+    ids=["response", "upgrade", "invalid"],
+)
+async def test_second_response_in_one_read_dropped(tmp_path: Path, extra: bytes) -> None:
+    """Bytes that follow a complete response in the same read are dropped, with the connection.
+
+    Such bytes answer no request of floydd's. Passed on, a second response would
+    reach the client as the response to its next request.
+    """
+
+    async def doubling_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"/double" in head:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst" + extra)
+            else:
+                writer.write(http_response(b"warm"))
+            await writer.drain()
+
+    upstream = await raw_upstream(doubling_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy:
+        path = proxy.path
+        # The first /double goes to the app from a task on a new connection. The second is served
+        # from callbacks on the connection pooled after /warm.
+        pipelined = (
+            f"GET {path('/double')} HTTP/1.1\r\nHost: t\r\n\r\n"
+            f"GET {path('/warm')} HTTP/1.1\r\nHost: t\r\n\r\n"
+            f"GET {path('/double')} HTTP/1.1\r\nHost: t\r\n\r\n"
+            f"GET {path('/warm')} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        raw = await raw_exchange(proxy.url, pipelined.encode())
+    responses = raw.split(b"HTTP/1.1 ")[1:]
+    assert len(responses) == 4
+    for response in responses[0::2]:
+        assert response.startswith(b"200 OK\r\n")
+        assert b"\r\nContent-Length: 5\r\n" in response
+        assert b"x-second" not in response.lower()
+        assert response.endswith(b"\r\n\r\nfirst")
+    for response in responses[1::2]:
+        assert response.endswith(b"\r\n\r\nwarm")
+    # Neither connection that carried an extra response was used again.
+    assert upstream.connections == 3
