@@ -139,25 +139,36 @@ async def test_preconnect_spare_closed_by_app(tmp_path: Path) -> None:
 FIRST_SPARE = 3
 
 
+@dataclasses.dataclass
+class DelayedConnects:
+    """What delay_connects saw: the connects floydd started, and whether a delayed one was cancelled."""
+
+    calls: int = 0
+    cancelled: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
 def delay_connects(
     monkeypatch: pytest.MonkeyPatch, delay_s: float, *, only: int | None = None, after_connect: bool = False
-) -> None:
+) -> DelayedConnects:
     """Make ConnectionPool._open wait `delay_s` on every call, or on the `only`-th, before it connects.
 
     With `after_connect`, the `only`-th connect, which must be a spare's, succeeds
     at once, and floydd learns of it `delay_s` later.
     """
     open_connection = upstream_module.ConnectionPool._open
-    calls = 0
+    seen = DelayedConnects()
 
     async def delayed_open(
         pool: upstream_module.ConnectionPool, connection: upstream_module.AppConnection | None = None
     ) -> upstream_module.AppConnection:
-        nonlocal calls
-        calls += 1
-        delayed = only is None or calls == only
+        seen.calls += 1
+        delayed = only is None or seen.calls == only
         if delayed and not after_connect:
-            await asyncio.sleep(delay_s)
+            try:
+                await asyncio.sleep(delay_s)
+            except asyncio.CancelledError:
+                seen.cancelled.set()
+                raise
         if delayed and after_connect:
             assert connection is not None and connection.on_connected is not None, "only a spare is noticed late"
             notify = connection.on_connected
@@ -169,6 +180,7 @@ def delay_connects(
         return await open_connection(pool, connection)
 
     monkeypatch.setattr(upstream_module.ConnectionPool, "_open", delayed_open)
+    return seen
 
 
 async def test_slow_spare_used_by_next_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1045,25 +1057,8 @@ async def test_stuck_spare_connect_given_up(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(upstream_module, "CONNECT_TIMEOUT_S", 0.2)
     # Longer than the client waits below, so a request that waited for the stuck spare would time out.
     monkeypatch.setattr(upstream_module, "SPARE_WAIT_S", 5.0)
-    open_connection = upstream_module.ConnectionPool._open
-    opened = 0
-    stuck_cancelled = asyncio.Event()
-
-    async def open_with_stuck_spare(
-        pool: upstream_module.ConnectionPool, connection: upstream_module.AppConnection | None = None
-    ) -> upstream_module.AppConnection:
-        nonlocal opened
-        opened += 1
-        if opened == FIRST_SPARE:
-            # As after a lost SYN: nothing happens until the connect is given up.
-            try:
-                await asyncio.sleep(30)
-            except asyncio.CancelledError:
-                stuck_cancelled.set()
-                raise
-        return await open_connection(pool, connection)
-
-    monkeypatch.setattr(upstream_module.ConnectionPool, "_open", open_with_stuck_spare)
+    # As after a lost SYN: nothing happens until the connect is given up.
+    connects = delay_connects(monkeypatch, 30, only=FIRST_SPARE)
     upstream = await raw_upstream(closing_app)
     timeout = aiohttp.ClientTimeout(total=2)
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession(timeout=timeout) as client:
@@ -1074,11 +1069,11 @@ async def test_stuck_spare_connect_given_up(tmp_path: Path, monkeypatch: pytest.
             async with client.get(proxy.url + proxy.path("/")) as response:
                 await response.read()
                 statuses.append(response.status)
-        connects = opened
+        calls = connects.calls
     assert statuses == [200] * 5
-    assert stuck_cancelled.is_set()
+    assert connects.cancelled.is_set()
     # Connects went on after the stuck one: the requests after it opened spares again.
-    assert connects > FIRST_SPARE + 2
+    assert calls > FIRST_SPARE + 2
 
 
 @pytest.mark.parametrize(
@@ -1093,8 +1088,8 @@ async def test_stuck_spare_connect_given_up(tmp_path: Path, monkeypatch: pytest.
 async def test_second_response_in_one_read_dropped(tmp_path: Path, extra: bytes) -> None:
     """Bytes that follow a complete response in the same read are dropped, with the connection.
 
-    Such bytes answer no request of floydd's. Passed on, a second response would
-    reach the client as the response to its next request.
+    floydd sent no request that such bytes respond to. Passed on, a second response
+    would reach the client as the response to its next request.
     """
 
     async def doubling_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
