@@ -718,7 +718,7 @@ class _Lane:
         connection.write(request_head(request.method, self.target, self.headers, False, None))
         self.admission.pool.open_spare()
         settings = server.proxy.settings
-        # One deadline for both limits; the task that takes over applies each exactly.
+        # One deadline serves both limits, and the task that takes over applies each exactly.
         self.deadline = self.sent_at + min(settings.response_timeout_s, settings.total_timeout_s)
         self.client.set_timer(self.deadline)
         self.admission.on_job_end(self._on_job_end)

@@ -154,9 +154,9 @@ def _request_upstream_headers(request: web.Request, job_id: str, request_id: str
     )
 
 
-# Connection options that name no header to drop: RFC 9110 section 7.6.1 reserves the field name
-# "Close" for that reason, and Keep-Alive is hop-by-hop anyway. Werkzeug sends "close" with
-# every response, so recognising it saves a second pass over the headers.
+# Connection options that name no header to drop. The HTTP field name registry reserves "Close"
+# so that no header clashes with the close option, and Keep-Alive is hop-by-hop anyway.
+# Werkzeug sends "close" with every response, so skipping it saves a second pass over the headers.
 CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive"})
 
 

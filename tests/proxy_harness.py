@@ -102,7 +102,7 @@ async def running_proxy(
 ) -> AsyncIterator[ProxyUnderTest]:
     """Serve `/expose/<id>` for one job whose queue is open to `upstream_port` (or still closed when None).
 
-    `settings` are ProxySettings fields; `server_settings` replaces the default ServerSettings.
+    `settings` are ProxySettings fields, and `server_settings` replaces the default ServerSettings.
     """
     proxy_settings = dataclasses.replace(ProxySettings(), **settings)  # type: ignore[arg-type]
     store = JobStore(tmp_path / "floydd.sqlite3")
