@@ -15,11 +15,12 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import uvloop
 
 from bench.load import Round, Summary, run_wrk
+from bench.procstat import find_process
 from bench.profiling import FloyddProfile, count_syscalls, profiled_round, summarize_collapsed
 from bench.report import Results, environment, render
 from bench.scenarios import (
@@ -34,13 +35,30 @@ from bench.scenarios import (
     measure_idle_jobs,
     measure_large_bodies,
 )
-from bench.services import LOOPBACK, REPO, Floydd, HAProxy, ReferenceServer, bench_app_archive, published_port
+from bench.services import (
+    LOOPBACK,
+    REPO,
+    Floydd,
+    HAProxy,
+    ReferenceServer,
+    bench_app_archive,
+    container_pid,
+    published_port,
+)
 from floydd.config import Settings
 
 T = TypeVar("T")
 SCENARIOS = ("bodies", "crowd", "cold-start", "idle-jobs", "profile")
 DOCKER_RUN_LABEL = "org.floydd.bench=cold-start"
 OPEN_FILES = 65536
+
+
+class Target(NamedTuple):
+    """One path of the comparison: its URL, the pid of the proxy to measure, and whether the app serves it."""
+
+    url: str
+    proxy_pid: int | None
+    reaches_app: bool = True
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -101,6 +119,8 @@ class Bench:
         self.references: dict[str, ReferenceServer] = {}
         self.job_id = ""
         self.app_port = 0
+        self.app_pid: int | None = None
+        self.docker_proxy_pid: int | None = None
 
     async def attempt(self, name: str, step: Callable[[], Awaitable[T]]) -> T | None:
         """Run one measurement; a failure becomes a note on the page instead of ending the run."""
@@ -124,6 +144,9 @@ class Bench:
             self.job_id = await self.floydd.submit_serve_job(bench_app_archive())
             await self.floydd.wait_serving(self.job_id)
             self.app_port = await published_port(f"floydd-{self.job_id}")
+            self.app_pid = await container_pid(f"floydd-{self.job_id}")
+            # Docker runs no docker-proxy when its userland proxy is switched off, and its column then shows n/a.
+            self.docker_proxy_pid = find_process("docker-proxy", "-host-port", str(self.app_port))
             self.haproxy = HAProxy(self.results_dir, app_port=self.app_port)
             await self.haproxy.start()
             say(f"job {self.job_id} on 127.0.0.1:{self.app_port}, HAProxy on 127.0.0.1:{self.haproxy.port}")
@@ -161,23 +184,24 @@ class Bench:
             notes=self.notes,
         )
 
-    def paths(self, connections: int) -> dict[str, tuple[str, int | None]]:
-        """Return the URL and the pid to measure of each path; the reference servers only at one client."""
+    def paths(self, connections: int) -> dict[str, Target]:
+        """Return each path to measure; the reference servers only at one client."""
         assert self.haproxy is not None
-        paths: dict[str, tuple[str, int | None]] = {
-            "direct": (f"http://{LOOPBACK}:{self.app_port}/hello", None),
-            "HAProxy": (f"http://{LOOPBACK}:{self.haproxy.port}/hello", self.haproxy.pid),
-            "floydd": (self.floydd.expose_url(self.job_id, "/hello"), self.floydd.pid),
+        paths = {
+            "direct": Target(f"http://{LOOPBACK}:{self.app_port}/hello", None),
+            "HAProxy": Target(f"http://{LOOPBACK}:{self.haproxy.port}/hello", self.haproxy.pid),
+            "floydd": Target(self.floydd.expose_url(self.job_id, "/hello"), self.floydd.pid),
         }
         if connections == 1:
             for name, reference in self.references.items():
-                paths[name] = (f"http://{LOOPBACK}:{reference.port}/hello", reference.pid)
+                reaches_app = reference.app_port is not None
+                paths[name] = Target(f"http://{LOOPBACK}:{reference.port}/hello", reference.pid, reaches_app)
         return paths
 
     async def compare_paths(self) -> list[Summary]:
         # One short unmeasured pass warms up every path: connections, imports, caches.
-        for name, (url, _pid) in self.paths(1).items():
-            await run_wrk(url, 8, 1, path=name)
+        for name, target in self.paths(1).items():
+            await run_wrk(target.url, 8, 1, path=name)
         summaries: list[Summary] = []
         for connections in self.args.clients:
             paths = self.paths(connections)
@@ -186,8 +210,16 @@ class Bench:
             for round_index in range(self.args.rounds):
                 shift = round_index % len(names)
                 for name in names[shift:] + names[:shift]:
-                    url, pid = paths[name]
-                    result = await run_wrk(url, connections, self.args.round_seconds, path=name, cpu_pid=pid)
+                    target = paths[name]
+                    result = await run_wrk(
+                        target.url,
+                        connections,
+                        self.args.round_seconds,
+                        path=name,
+                        cpu_pid=target.proxy_pid,
+                        app_pid=self.app_pid if target.reaches_app else None,
+                        docker_proxy_pid=self.docker_proxy_pid if target.reaches_app else None,
+                    )
                     by_path[name].rounds.append(result)
                     say(_describe(result))
             summaries += by_path.values()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import cpu_times
+from bench.procstat import cpu_seconds, cpu_times, tree_cpu_seconds
 
 WRK_SCRIPT = Path(__file__).resolve().parent / "wrk_report.lua"
 WRK_MARKER = "WRK_JSON "
@@ -32,6 +32,10 @@ class Round:
     proxy_cpu_us_per_request: float | None = None
     proxy_user_us_per_request: float | None = None
     proxy_system_us_per_request: float | None = None
+    # CPU time per request, in µs, of the app's container and of the
+    # docker-proxy process that relays its published port, if measured.
+    app_cpu_us_per_request: float | None = None
+    docker_proxy_cpu_us_per_request: float | None = None
 
     @property
     def requests_per_s(self) -> float:
@@ -56,8 +60,21 @@ class Summary:
         return sum(item.errors for item in self.rounds)
 
 
-async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_pid: int | None = None) -> Round:
-    """Run wrk for `duration_s` seconds with `connections` keep-alive connections against `url`."""
+async def run_wrk(
+    url: str,
+    connections: int,
+    duration_s: float,
+    path: str,
+    cpu_pid: int | None = None,
+    app_pid: int | None = None,
+    docker_proxy_pid: int | None = None,
+) -> Round:
+    """Run wrk for `duration_s` seconds with `connections` keep-alive connections against `url`.
+
+    The Round gets the CPU per request of three processes, if given: the
+    proxy (`cpu_pid`), the app's container (`app_pid`, its first process, with
+    the app below it) and the docker-proxy behind the app's published port.
+    """
     # Two threads at most: the machine this was written for has two cores, shared with the servers.
     threads = min(connections, 2)
     command = [
@@ -65,12 +82,16 @@ async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_
         "-s", str(WRK_SCRIPT), url,
     ]  # fmt: skip
     cpu_before = cpu_times(cpu_pid) if cpu_pid else (0.0, 0.0)
+    app_before = tree_cpu_seconds(app_pid) if app_pid else 0.0
+    docker_proxy_before = cpu_seconds(docker_proxy_pid) if docker_proxy_pid else 0.0
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     async with asyncio.timeout(duration_s + 60):
         output, _ = await process.communicate()
     cpu_after = cpu_times(cpu_pid) if cpu_pid else None
+    app_used = tree_cpu_seconds(app_pid) - app_before if app_pid else None
+    docker_proxy_used = cpu_seconds(docker_proxy_pid) - docker_proxy_before if docker_proxy_pid else None
     text = output.decode(errors="replace")
     report = _parse_report(text, command)
 
@@ -91,7 +112,13 @@ async def run_wrk(url: str, connections: int, duration_s: float, path: str, cpu_
         proxy_cpu_us_per_request=user_us + system_us if user_us is not None and system_us is not None else None,
         proxy_user_us_per_request=user_us,
         proxy_system_us_per_request=system_us,
+        app_cpu_us_per_request=_per_request_us(app_used, requests),
+        docker_proxy_cpu_us_per_request=_per_request_us(docker_proxy_used, requests),
     )
+
+
+def _per_request_us(seconds: float | None, requests: int) -> float | None:
+    return seconds / requests * 1e6 if seconds is not None and requests else None
 
 
 def _parse_report(text: str, command: list[str]) -> dict[str, Any]:

@@ -33,6 +33,58 @@ def cpu_seconds(pid: int) -> float:
     return user + system
 
 
+def process_tree(pid: int) -> list[int]:
+    """Return `pid` and the pids of its descendants alive now."""
+    pids: list[int] = []
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        try:
+            tasks = list(Path(f"/proc/{current}/task").iterdir())
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                stack += [int(child) for child in (task / "children").read_text().split()]
+            except FileNotFoundError:
+                continue
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """Return the CPU time of a process and its living descendants, threads included.
+
+    A process's own figures keep the time of its threads that have ended, so the
+    threads a threaded server starts per connection are counted.
+    """
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            total += cpu_seconds(member)
+        except FileNotFoundError:
+            # It ended between the listing and the reading.
+            continue
+    return total
+
+
+def find_process(name: str, *arguments: str) -> int | None:
+    """Return the pid of a process whose program is `name` and whose arguments include `arguments` in a row."""
+    sequence = list(arguments)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if not argv or Path(argv[0]).name != name:
+            continue
+        if any(argv[index : index + len(sequence)] == sequence for index in range(len(argv))):
+            return int(entry.name)
+    return None
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

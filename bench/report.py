@@ -111,7 +111,11 @@ order of the paths rotates from round to round, so drift on a shared machine
 falls on every path alike. Tables show the median over the rounds. "Proxy CPU"
 is the CPU time that floydd or HAProxy spent during the round, divided by the
 requests served, with its user and system parts (from `/proc/<pid>/stat`,
-so in steps of 10 ms per round). With one client nothing waits in a queue,
+so in steps of 10 ms per round). The same readings of the app's container
+processes and of the docker-proxy process behind its published port give
+their CPU per request on each path. A process's figures keep the time of
+its ended threads, so the threads Werkzeug starts per connection count.
+With one client nothing waits in a queue,
 so the floydd/direct ratio at one client is the cost of the proxy alone.
 
 At one client the rotation also includes three reference servers from
@@ -223,8 +227,61 @@ def _render_paths(summaries: list[Summary]) -> list[str]:
         )
     lines.append("")
     lines += _render_targets(by_key)
+    lines += _render_path_cpu(summaries, by_key)
     lines += _render_references(by_key)
     return lines
+
+
+def _path_cpu_us(summary: Summary) -> float:
+    """Return the CPU per request of every measured process on a path: proxy, app and docker-proxy."""
+    proxy = summary.median("proxy_cpu_us_per_request") if summary.path != "direct" else 0.0
+    return proxy + summary.median("app_cpu_us_per_request") + summary.median("docker_proxy_cpu_us_per_request")
+
+
+def _render_path_cpu(summaries: list[Summary], by_key: dict[tuple[int, str], Summary]) -> list[str]:
+    """Render the CPU that the proxy, the app and docker-proxy spend per request on each path."""
+    rows = [summary for summary in summaries if summary.path in MEASURED_PATHS]
+    if all(summary.median("app_cpu_us_per_request") != summary.median("app_cpu_us_per_request") for summary in rows):
+        return []
+    lines = [
+        "## CPU per request along each path",
+        "",
+        "The same rounds, with the CPU time per request of each process a request passes",
+        "through: the proxy, the app's container (the app and the thread it starts for each",
+        "connection) and the docker-proxy process behind the app's published port. wrk is not",
+        "counted. The machine has the CPUs listed above for all of them.",
+        "",
+        "| clients | path | proxy µs/request | app µs/request | docker-proxy µs/request | all three µs/request |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for summary in rows:
+        proxy = summary.median("proxy_cpu_us_per_request") if summary.path != "direct" else float("nan")
+        lines.append(
+            f"| {summary.connections} | {summary.path} | {_fmt(proxy, 0)} "
+            f"| {_fmt(summary.median('app_cpu_us_per_request'), 0)} "
+            f"| {_fmt(summary.median('docker_proxy_cpu_us_per_request'), 0)} | {_fmt(_path_cpu_us(summary), 0)} |"
+        )
+    lines.append("")
+    floydd, haproxy = by_key.get((1, "floydd")), by_key.get((1, "HAProxy"))
+    if floydd is not None and haproxy is not None:
+        lines += [_app_side_difference(floydd, haproxy), ""]
+    return lines
+
+
+def _app_side_difference(floydd: Summary, haproxy: Summary) -> str:
+    """Compare at one client what the app and docker-proxy spend behind floydd and behind HAProxy."""
+    app = floydd.median("app_cpu_us_per_request") - haproxy.median("app_cpu_us_per_request")
+    docker_proxy = floydd.median("docker_proxy_cpu_us_per_request") - haproxy.median("docker_proxy_cpu_us_per_request")
+    proxy = floydd.median("proxy_cpu_us_per_request") - haproxy.median("proxy_cpu_us_per_request")
+    return (
+        f"At one client a request through floydd cost {_fmt(_path_cpu_us(floydd) - _path_cpu_us(haproxy), 0)} µs "
+        f"more CPU in all than through HAProxy: {_fmt(proxy, 0)} µs in the proxy, {_fmt(app, 0)} µs in the app and "
+        f"{_fmt(docker_proxy, 0)} µs in docker-proxy. HAProxy connects when a request arrives and sends it "
+        "at once, so the thread that the app starts for the connection finds its request waiting. floydd "
+        "connects ahead of the request (docs/proxy.md), so the app accepts the connection and starts its "
+        "thread while it still serves the request before, and that thread then blocks until its request "
+        "comes: more switches between the app's threads, and more wake-ups in docker-proxy."
+    )
 
 
 # floydd's speed targets: requests/s at least HAProxy's with a p99 no worse at every

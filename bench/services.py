@@ -222,6 +222,16 @@ async def published_port(container_name: str) -> int:
     raise BenchError(f"container {container_name} has no port published on {LOOPBACK} for {APP_PORT}/tcp")
 
 
+async def container_pid(container_name: str) -> int:
+    """Return the host pid of the container's first process (docker-init, with the app below it)."""
+    async with aiodocker.Docker() as docker:
+        info = await docker.containers.container(container_name).show()
+    pid = int(info["State"].get("Pid") or 0)
+    if not pid:
+        raise BenchError(f"container {container_name} has no running process")
+    return pid
+
+
 HAPROXY_CONFIG = """\
 global
     # Far above the 64 clients of the rounds, and low enough for a 20,000 open-file limit.
