@@ -11,8 +11,9 @@ source scripts/lib.sh
 
 bash scripts/bootstrap.sh
 
-step "ruff check floydd tests"
-.venv/bin/ruff check floydd tests
+step "ruff check and ruff format --check"
+.venv/bin/ruff check floydd tests bench
+.venv/bin/ruff format --check floydd tests bench
 
 step "mypy"
 .venv/bin/mypy
