@@ -22,7 +22,7 @@ import uvloop
 from bench.load import Round, Summary, run_wrk
 from bench.procstat import find_process
 from bench.profiling import FloyddProfile, count_syscalls, profiled_round, summarize_collapsed
-from bench.report import Results, environment, render
+from bench.report import PLAIN_HAPROXY, Results, environment, render
 from bench.scenarios import (
     GIB,
     ColdStart,
@@ -116,6 +116,8 @@ class Bench:
         self.notes: list[str] = []
         self.floydd = Floydd(self.results_dir, env={"FLOYDD_PROXY_MAX_QUEUE_DEPTH": str(max(100, args.crowd_clients))})
         self.haproxy: HAProxy | None = None
+        # HAProxy without the headers that floydd adds, measured beside the other at one client.
+        self.plain_haproxy: HAProxy | None = None
         self.references: dict[str, ReferenceServer] = {}
         self.job_id = ""
         self.app_port = 0
@@ -147,8 +149,10 @@ class Bench:
             self.app_pid = await container_pid(f"floydd-{self.job_id}")
             # Docker runs no docker-proxy when its userland proxy is switched off, and its column then shows n/a.
             self.docker_proxy_pid = find_process("docker-proxy", "-host-port", str(self.app_port))
-            self.haproxy = HAProxy(self.results_dir, app_port=self.app_port)
+            self.haproxy = HAProxy(self.results_dir, app_port=self.app_port, forwarded_prefix=f"/expose/{self.job_id}")
             await self.haproxy.start()
+            self.plain_haproxy = HAProxy(self.results_dir, app_port=self.app_port, name="haproxy-plain")
+            await self.plain_haproxy.start()
             say(f"job {self.job_id} on 127.0.0.1:{self.app_port}, HAProxy on 127.0.0.1:{self.haproxy.port}")
             self.references = {
                 "lean proxy": ReferenceServer(self.results_dir, kind="lean-proxy", app_port=self.app_port),
@@ -193,6 +197,10 @@ class Bench:
             "floydd": Target(self.floydd.expose_url(self.job_id, "/hello"), self.floydd.pid),
         }
         if connections == 1:
+            if self.plain_haproxy is not None:
+                paths[PLAIN_HAPROXY] = Target(
+                    f"http://{LOOPBACK}:{self.plain_haproxy.port}/hello", self.plain_haproxy.pid
+                )
             for name, reference in self.references.items():
                 reaches_app = reference.app_port is not None
                 paths[name] = Target(f"http://{LOOPBACK}:{reference.port}/hello", reference.pid, reaches_app)
@@ -292,8 +300,9 @@ class Bench:
     async def close(self) -> None:
         for reference in self.references.values():
             await reference.stop()
-        if self.haproxy is not None:
-            await self.haproxy.stop()
+        for haproxy in (self.haproxy, self.plain_haproxy):
+            if haproxy is not None:
+                await haproxy.stop()
         await self.floydd.stop()
         removed = await self.floydd.remove_containers()
         self.floydd.remove_state()

@@ -102,7 +102,9 @@ same container is then reached three ways:
   like the other two paths);
 - **HAProxy**: HAProxy from Debian's packages on 127.0.0.1 with
   `server app 127.0.0.1:PORT maxconn 1` and `timeout queue 300s`, the classic
-  way to send one request at a time to a backend;
+  way to send one request at a time to a backend. It adds the forwarding and
+  request-id headers that floydd adds (`HAPROXY_FORWARDING` in
+  `bench/services.py`), so the app parses the same request head on both paths;
 - **floydd**: `/expose/<job id>/hello`, through floydd's per-job queue.
 
 Load comes from wrk (closed loop, keep-alive connections, at most two
@@ -198,6 +200,7 @@ def render(results: Results) -> str:
 
 
 MEASURED_PATHS = ("direct", "HAProxy", "floydd")
+PLAIN_HAPROXY = "HAProxy, no added headers"
 REFERENCE_PATHS = ("lean proxy", "bare proxy", "aiohttp alone")
 
 
@@ -228,6 +231,7 @@ def _render_paths(summaries: list[Summary]) -> list[str]:
     lines.append("")
     lines += _render_targets(by_key)
     lines += _render_path_cpu(summaries, by_key)
+    lines += _render_plain_haproxy(by_key)
     lines += _render_references(by_key)
     return lines
 
@@ -265,6 +269,36 @@ def _render_path_cpu(summaries: list[Summary], by_key: dict[tuple[int, str], Sum
     floydd, haproxy = by_key.get((1, "floydd")), by_key.get((1, "HAProxy"))
     if floydd is not None and haproxy is not None:
         lines += [_app_side_difference(floydd, haproxy), ""]
+    return lines
+
+
+def _render_plain_haproxy(by_key: dict[tuple[int, str], Summary]) -> list[str]:
+    """Render HAProxy with and without floydd's request headers at one client."""
+    haproxy, plain = by_key.get((1, "HAProxy")), by_key.get((1, PLAIN_HAPROXY))
+    if haproxy is None or plain is None:
+        return []
+    lines = [
+        "## HAProxy with and without floydd's headers",
+        "",
+        "HAProxy above adds the headers floydd adds to every request for the app: X-Forwarded-For,",
+        "-Proto, -Host and -Prefix, and X-Request-ID. The same rounds at one client also",
+        "reached a second HAProxy that adds none, as a plain `maxconn 1` configuration does.",
+        "",
+        "| path | requests/s | p50 ms | p99 ms | proxy CPU µs/request | app µs/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for summary in (haproxy, plain):
+        lines.append(
+            f"| {summary.path} | {_fmt(summary.median('requests_per_s'), 0)} | {_fmt(summary.median('p50_ms'), 2)} "
+            f"| {_fmt(summary.median('p99_ms'), 2)} | {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} "
+            f"| {_fmt(summary.median('app_cpu_us_per_request'), 0)} |"
+        )
+    lines += [
+        "",
+        f"Without the headers HAProxy served {_ratio(plain, haproxy, 'requests_per_s')} times the requests/s "
+        f"with {_ratio(plain, haproxy, 'p99_ms')} times the p99 ({_round_ratios(plain, haproxy)}).",
+        "",
+    ]
     return lines
 
 

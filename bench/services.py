@@ -247,7 +247,7 @@ defaults
 
 frontend bench
     bind {host}:{listen_port}
-    default_backend app
+{forwarding}    default_backend app
 
 backend app
     # maxconn 1 serialises requests into the app; the others wait in the backend's queue.
@@ -285,18 +285,39 @@ class LocalServer:
             await self.process.wait()
 
 
+# The headers floydd adds to every request it sends the app (floydd.proxy.upstream_headers),
+# in HAProxy 2.6's terms, so that the app receives the same request head through both.
+HAPROXY_FORWARDING = """\
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    http-request set-header X-Forwarded-Prefix {prefix}
+    unique-id-format %[uuid()]
+    unique-id-header X-Request-ID
+"""
+
+
 @dataclass
 class HAProxy(LocalServer):
-    """HAProxy in front of one app port with `maxconn 1` and a queue, as the classic way to serialise requests."""
+    """HAProxy in front of one app port with `maxconn 1` and a queue, as the classic way to serialise requests.
+
+    With `forwarded_prefix`, it adds the same forwarding and request-id
+    headers as floydd, with that X-Forwarded-Prefix. Without it, HAProxy adds no header.
+    """
 
     app_port: int = 0
+    forwarded_prefix: str = ""
+    name: str = "haproxy"
 
     async def start(self) -> None:
         self.port = free_port()
-        config = self.results_dir / "haproxy.cfg"
-        config.write_text(HAPROXY_CONFIG.format(host=LOOPBACK, listen_port=self.port, app_port=self.app_port))
+        config = self.results_dir / f"{self.name}.cfg"
+        forwarding = HAPROXY_FORWARDING.format(prefix=self.forwarded_prefix) if self.forwarded_prefix else ""
+        config.write_text(
+            HAPROXY_CONFIG.format(host=LOOPBACK, listen_port=self.port, app_port=self.app_port, forwarding=forwarding)
+        )
         # -db keeps HAProxy in the foreground, as one process, so its pid is the one to measure.
-        await self._spawn("haproxy", "haproxy", "-db", "-f", str(config))
+        await self._spawn(self.name, "haproxy", "-db", "-f", str(config))
 
 
 @dataclass
