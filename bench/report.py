@@ -293,13 +293,29 @@ def _render_plain_haproxy(by_key: dict[tuple[int, str], Summary]) -> list[str]:
             f"| {_fmt(summary.median('p99_ms'), 2)} | {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} "
             f"| {_fmt(summary.median('app_cpu_us_per_request'), 0)} |"
         )
+    headers_us = haproxy.median("app_cpu_us_per_request") - plain.median("app_cpu_us_per_request")
     lines += [
         "",
         f"Without the headers HAProxy served {_ratio(plain, haproxy, 'requests_per_s')} times the requests/s "
-        f"with {_ratio(plain, haproxy, 'p99_ms')} times the p99 ({_round_ratios(plain, haproxy)}).",
-        "",
+        f"with {_ratio(plain, haproxy, 'p99_ms')} times the p99 ({_round_ratios(plain, haproxy)}). "
+        f"Parsing the headers cost the app {_fmt(headers_us, 0)} µs per request.",
     ]
+    bare = by_key.get((1, "bare proxy"))
+    if bare is not None:
+        lines.append(_connecting_ahead(bare, plain))
+    lines.append("")
     return lines
+
+
+def _connecting_ahead(bare: Summary, plain: Summary) -> str:
+    """Compare the app's and docker-proxy's CPU behind the bare proxy and behind HAProxy, both without added headers."""
+    app_us = bare.median("app_cpu_us_per_request") - plain.median("app_cpu_us_per_request")
+    docker_proxy_us = bare.median("docker_proxy_cpu_us_per_request") - plain.median("docker_proxy_cpu_us_per_request")
+    return (
+        "The bare proxy below adds no header either, but it connects ahead as floydd does. Behind it the app "
+        f"spent {_fmt(app_us, 0)} µs more per request than behind HAProxy without the headers, and docker-proxy "
+        f"{_fmt(docker_proxy_us, 0)} µs more."
+    )
 
 
 def _app_side_difference(floydd: Summary, haproxy: Summary) -> str:
