@@ -148,7 +148,9 @@ class Bench:
             self.app_port = await published_port(f"floydd-{self.job_id}")
             self.app_pid = await container_pid(f"floydd-{self.job_id}")
             # Docker runs no docker-proxy when its userland proxy is switched off, and its column then shows n/a.
-            self.docker_proxy_pid = find_process("docker-proxy", "-host-port", str(self.app_port))
+            self.docker_proxy_pid = find_process(
+                "docker-proxy", {"-proto": "tcp", "-host-ip": LOOPBACK, "-host-port": str(self.app_port)}
+            )
             self.haproxy = HAProxy(self.results_dir, app_port=self.app_port, forwarded_prefix=f"/expose/{self.job_id}")
             await self.haproxy.start()
             self.plain_haproxy = HAProxy(self.results_dir, app_port=self.app_port, name="haproxy-plain")
@@ -189,7 +191,7 @@ class Bench:
         )
 
     def paths(self, connections: int) -> dict[str, Target]:
-        """Return each path to measure; the reference servers only at one client."""
+        """Return each path to measure. The reference servers run at one client only."""
         assert self.haproxy is not None
         paths = {
             "direct": Target(f"http://{LOOPBACK}:{self.app_port}/hello", None),

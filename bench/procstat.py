@@ -33,6 +33,10 @@ def cpu_seconds(pid: int) -> float:
     return user + system
 
 
+# What reading /proc/<pid>/... raises once the process has exited.
+GONE = (FileNotFoundError, ProcessLookupError)
+
+
 def process_tree(pid: int) -> list[int]:
     """Return `pid` and the pids of its descendants alive now."""
     pids: list[int] = []
@@ -42,45 +46,49 @@ def process_tree(pid: int) -> list[int]:
         pids.append(current)
         try:
             tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except FileNotFoundError:
+        except GONE:
             continue
         for task in tasks:
             try:
                 stack += [int(child) for child in (task / "children").read_text().split()]
-            except FileNotFoundError:
+            except GONE:
                 continue
     return pids
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """Return the CPU time of a process and its living descendants, threads included.
+    """Return the CPU time of a process and its descendants, threads included.
 
-    A process's own figures keep the time of its threads that have ended, so the
-    threads a threaded server starts per connection are counted.
+    A process's figures keep the time of its threads that have ended, so the
+    threads a threaded server starts per connection are counted. The time of
+    the children it has reaped counts too, so a descendant that exits between
+    two readings does not make the second one smaller.
     """
     total = 0.0
     for member in process_tree(pid):
         try:
-            total += cpu_seconds(member)
-        except FileNotFoundError:
-            # It ended between the listing and the reading.
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except GONE:
+            # It ended between the listing and the reading, and its parent now counts its time.
             continue
+        # utime, stime, cutime and cstime are fields 14 to 17 in proc(5), and this list starts at field 3.
+        total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
     return total
 
 
-def find_process(name: str, *arguments: str) -> int | None:
-    """Return the pid of a process whose program is `name` and whose arguments include `arguments` in a row."""
-    sequence = list(arguments)
+def find_process(name: str, options: dict[str, str]) -> int | None:
+    """Return the pid of a process whose program is `name` and whose arguments set each of `options`."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (FileNotFoundError, ProcessLookupError):
+        except GONE:
             continue
         if not argv or Path(argv[0]).name != name:
             continue
-        if any(argv[index : index + len(sequence)] == sequence for index in range(len(argv))):
+        values = dict(zip(argv, argv[1:], strict=False))
+        if all(values.get(option) == value for option, value in options.items()):
             return int(entry.name)
     return None
 

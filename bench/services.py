@@ -228,7 +228,7 @@ async def container_pid(container_name: str) -> int:
         info = await docker.containers.container(container_name).show()
     pid = int(info["State"].get("Pid") or 0)
     if not pid:
-        raise BenchError(f"container {container_name} has no running process")
+        raise BenchError(f"container {container_name} is not running (`docker inspect {container_name}` shows why)")
     return pid
 
 
@@ -286,7 +286,7 @@ class LocalServer:
 
 
 # The headers floydd adds to every request it sends the app (floydd.proxy.upstream_headers),
-# in HAProxy 2.6's terms, so that the app receives the same request head through both.
+# in HAProxy 2.6's terms, so that the app receives the same headers through both.
 HAPROXY_FORWARDING = """\
     option forwardfor
     http-request set-header X-Forwarded-Proto http
