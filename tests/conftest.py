@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from floydd.config import load_settings
+from floydd.runtime import LABEL_INSTANCE
 
 REPO = Path(__file__).resolve().parent.parent
 APPS = REPO / "tests" / "apps"
@@ -181,12 +182,22 @@ async def running_daemon(tmp_path: Path, env: dict[str, str] | None = None) -> A
 
 
 async def remove_job_containers(daemon: Daemon) -> None:
-    """Remove containers of this daemon's jobs, which outlive the daemon by design."""
-    job_ids = [path.name for path in (daemon.state_dir / "jobs").glob("*")]
+    """Remove containers of this daemon's jobs, which outlive the daemon by design.
+
+    The daemon's instance label finds them all, including one whose job is no longer in
+    the state directory.
+    """
+    names = {f"floydd-{path.name}" for path in (daemon.state_dir / "jobs").glob("*")}
+    instance_path = daemon.state_dir / "instance-id"
     async with aiodocker.Docker() as docker:
-        for job_id in job_ids:
+        if instance_path.exists():
+            labelled = await docker.containers.list(
+                all=True, filters={"label": [f"{LABEL_INSTANCE}={instance_path.read_text().strip()}"]}
+            )
+            names.update(container["Names"][0].lstrip("/") for container in labelled)
+        for name in names:
             try:
-                await docker.containers.container(f"floydd-{job_id}").delete(force=True)
+                await docker.containers.container(name).delete(force=True)
             except aiodocker.DockerError:
                 pass
 
