@@ -215,10 +215,8 @@ class AppConnection(asyncio.Protocol):
         try:
             message.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            if message.overflow:
-                # A second response in the read asked for an upgrade. It is dropped like any other.
-                self._stray = True
-            else:
+            # A second response in the read that asks for an upgrade is dropped by the overflow check below.
+            if not message.overflow:
                 # A 101 upgrade; its head is complete and the rest belongs to the new protocol.
                 message.headers_complete = True
                 message.upgrade = True
