@@ -98,9 +98,9 @@ async def run_wrk(
     requests = int(report["requests"])
     errors = sum(int(count) for count in report["errors"].values())
     user_us = system_us = None
-    if cpu_after is not None and requests:
-        user_us = (cpu_after[0] - cpu_before[0]) / requests * 1e6
-        system_us = (cpu_after[1] - cpu_before[1]) / requests * 1e6
+    if cpu_after is not None:
+        user_us = _per_request_us(cpu_after[0] - cpu_before[0], requests)
+        system_us = _per_request_us(cpu_after[1] - cpu_before[1], requests)
     return Round(
         path=path,
         connections=connections,

@@ -20,10 +20,15 @@ def memory_kib(pid: int) -> dict[str, int]:
     return values
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """Read /proc/<pid>/stat from field 3 (the state) on, so field N of proc(5) is at index N - 3."""
+    # The command name in field 2 may contain spaces, so split after its closing bracket.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_times(pid: int) -> tuple[float, float]:
     """Return the user and the system CPU seconds of the process, threads included."""
-    # The command name in field 2 may contain spaces, so split after its closing bracket.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
@@ -33,7 +38,7 @@ def cpu_seconds(pid: int) -> float:
     return user + system
 
 
-# What reading /proc/<pid>/... raises once the process has exited.
+# The exceptions that reading /proc/<pid>/... raises once the process has exited.
 GONE = (FileNotFoundError, ProcessLookupError)
 
 
@@ -67,11 +72,11 @@ def tree_cpu_seconds(pid: int) -> float:
     total = 0.0
     for member in process_tree(pid):
         try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(member)
         except GONE:
             # It ended between the listing and the reading, and its parent now counts its time.
             continue
-        # utime, stime, cutime and cstime are fields 14 to 17 in proc(5), and this list starts at field 3.
+        # utime, stime, cutime and cstime: fields 14 to 17 in proc(5).
         total += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
     return total
 

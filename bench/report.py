@@ -289,6 +289,7 @@ def _render_plain_haproxy(by_key: dict[tuple[int, str], Summary]) -> list[str]:
     haproxy, plain = by_key.get((1, "HAProxy")), by_key.get((1, PLAIN_HAPROXY))
     if haproxy is None or plain is None:
         return []
+
     lines = [
         "## HAProxy with and without floydd's headers",
         "",
@@ -305,6 +306,7 @@ def _render_plain_haproxy(by_key: dict[tuple[int, str], Summary]) -> list[str]:
             f"| {_fmt(summary.median('p99_ms'), 2)} | {_fmt(summary.median('proxy_cpu_us_per_request'), 0)} "
             f"| {_fmt(summary.median('app_cpu_us_per_request'), 0)} |"
         )
+
     lines += [
         "",
         f"Without the headers HAProxy served {_ratio(plain, haproxy, 'requests_per_s')} times the requests/s "
@@ -313,6 +315,7 @@ def _render_plain_haproxy(by_key: dict[tuple[int, str], Summary]) -> list[str]:
     headers_us = haproxy.median("app_cpu_us_per_request") - plain.median("app_cpu_us_per_request")
     if _known(headers_us):
         lines.append(f"With the headers the app spent {_more_or_less(headers_us)} CPU per request.")
+
     bare = by_key.get((1, "bare proxy"))
     if bare is not None:
         lines += _connecting_ahead(bare, plain)
