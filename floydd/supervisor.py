@@ -34,6 +34,10 @@ from floydd.store import JobStore
 
 log = structlog.get_logger(__name__)
 
+# How long a cancelled job task waits for the response to a container create it has sent, so it can remove the
+# container. Kept short because a shutdown spends it, and the next start removes a container the wait missed.
+CREATE_SETTLE_S = 5.0
+
 
 @dataclass(frozen=True)
 class JobFiles:
@@ -395,7 +399,7 @@ class Supervisor:
         files = self.files(job.id)
         files.output.mkdir(parents=True, exist_ok=True)
         job = await self._save(job, JobState.STARTING, started_at=utcnow())
-        container_id = await self._runtime.create_container(job, self._container_spec(job))
+        container_id = await self._create_container(job)
         job = await self._save(job, job.state, container_id=container_id)
         await self._runtime.start_container(container_id)
         if job.mode is JobMode.SERVE:
@@ -405,6 +409,36 @@ class Supervisor:
             job = await self._save(job, JobState.RUNNING)
         log.info("container_started", job_id=job.id, container_id=container_id[:12], host_port=job.host_port)
         return job
+
+    async def _create_container(self, job: Job) -> str:
+        """Create the job's container; if the task is cancelled meanwhile, remove the container the engine makes.
+
+        Cancelling the call does not cancel the create in the engine, which
+        makes the container all the same. With no record of its id, a
+        stopped daemon would leave it in the Created state.
+        """
+        create = asyncio.ensure_future(self._runtime.create_container(job, self._container_spec(job)))
+        try:
+            return await asyncio.shield(create)
+        except asyncio.CancelledError:
+            log.info("container_create_settling", job_id=job.id, wait_s=CREATE_SETTLE_S)
+            await self._remove_when_created(job, create)
+            raise
+
+    async def _remove_when_created(self, job: Job, create: asyncio.Future[str]) -> None:
+        try:
+            async with asyncio.timeout(CREATE_SETTLE_S):
+                try:
+                    container_id = await create
+                except RuntimeFailure:
+                    # The create failed, so there is no container to remove.
+                    return
+                await self._runtime.remove(container_id)
+        except (TimeoutError, RuntimeFailure) as exc:
+            # The job is still starting, so the next start relaunches it and removes what the engine left.
+            log.warning("container_create_abandoned", job_id=job.id, error=str(exc) or "timed out")
+            return
+        log.info("container_create_undone", job_id=job.id, container_id=container_id[:12])
 
     async def _become_ready(self, job: Job, handle: _Handle, exit_waiter: asyncio.Task[ContainerExit]) -> Job:
         """Wait until the app listens on its port, then open the job's queue."""
