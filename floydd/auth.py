@@ -241,7 +241,7 @@ class Authenticator:
         return entry
 
 
-USER_KEY = "floydd.user"
+USER_KEY = web.RequestKey("user", User)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 
 
