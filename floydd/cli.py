@@ -160,22 +160,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 async def _run_server(settings: Settings, listener: socket.socket) -> None:
     from floydd.app import build_app
-    from floydd.front import build_front
+    from floydd.front import build_front, handler_options
 
     app = build_app(settings)
     # handler_cancellation: a client that disconnects cancels its handler, so a
     # request that waits in a job's queue leaves it at once.
     server = settings.server
     runner = web.AppRunner(
-        app,
-        handler_cancellation=True,
-        shutdown_timeout=server.shutdown_grace_s,
-        max_line_size=server.max_request_line_bytes,
-        max_field_size=server.max_header_bytes,
-        max_headers=server.max_headers,
-        # aiohttp's timer for idle keep-alive connections starts when a connection
-        # opens and closes it if no complete request head arrived: the header timeout.
-        keepalive_timeout=server.keepalive_timeout_s,
+        app, handler_cancellation=True, shutdown_timeout=server.shutdown_grace_s, **handler_options(server)
     )
     notify_status("opening the database and adopting running containers")
     try:

@@ -25,7 +25,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import httptools
 import structlog
@@ -34,7 +34,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from floydd.app import METRICS, PROXY, QUEUES
 from floydd.config import ServerSettings
-from floydd.errors import FloyddError, GatewayTimeout
+from floydd.errors import FloyddError, GatewayTimeout, InvalidRequest
 from floydd.flow import WriteFlowControl
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, log_aborted, new_request_id, response_end_to_end, server_timing, upstream_headers
@@ -75,9 +75,14 @@ class FrontServer:
         self.settings = settings
         self.connections: set[FrontConnection] = set()
         self._closing = False
+        self._handler_options = handler_options(settings)
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)
+
+    def new_handler(self, loop: asyncio.AbstractEventLoop) -> JsonErrorHandler:
+        """Return aiohttp's protocol for a connection handed off by the fast path."""
+        return JsonErrorHandler(self.aiohttp_server, loop=loop, **self._handler_options)
 
     @property
     def closing(self) -> bool:
@@ -101,6 +106,51 @@ class FrontServer:
         cut_off = sum(connection.abort_if_busy() for connection in list(self.connections))
         if cut_off:
             log.warning("proxy_requests_cut_off", count=cut_off, grace_s=timeout_s)
+
+
+def handler_options(settings: ServerSettings) -> dict[str, Any]:
+    """Return the options of aiohttp's request handler, for web.AppRunner and for FrontServer.new_handler."""
+    return {
+        "max_line_size": settings.max_request_line_bytes,
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        # aiohttp's timer for idle keep-alive connections starts when a connection
+        # opens and closes it if no complete request head arrived: the header timeout.
+        "keepalive_timeout": settings.keepalive_timeout_s,
+    }
+
+
+class JsonErrorHandler(web.RequestHandler):
+    """aiohttp's protocol for one connection, which sends its own errors with floydd's JSON body.
+
+    aiohttp responds itself to a request it cannot parse (a malformed head
+    or chunked body, an oversized line or header), without running
+    floydd's handlers and so without error_middleware.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp's own method logs the error and raises if the response has already started.
+        super().handle_error(request, status, exc, message)
+        error = _handler_error(status, message)
+        response = web.json_response(error.to_json(), status=status)
+        response.headers["X-Request-ID"] = new_request_id()
+        response.force_close()
+        return response
+
+
+def _handler_error(status: int, message: str | None) -> FloyddError:
+    """Return the floydd error for a status that aiohttp's request handler sends itself: 400, 504 or 500."""
+    if status == 400:
+        return InvalidRequest(f"invalid HTTP request: {message or 'malformed request'}")
+    if status == 504:
+        return GatewayTimeout("the request timed out")
+    return FloyddError("internal error; see the daemon's log")
 
 
 def build_front(runner: web.AppRunner, settings: ServerSettings) -> FrontServer:
@@ -490,7 +540,7 @@ class FrontConnection(asyncio.Protocol):
             return
         self._cancel_timer()
         self._server.connections.discard(self)
-        handler = self._server.aiohttp_server()
+        handler = self._server.new_handler(self._loop)
         transport.set_protocol(handler)
         handler.connection_made(transport)
         if self._read_paused:

@@ -219,12 +219,27 @@ async def test_unsupported_expect_is_417(daemon: Daemon) -> None:
         b"GET /api/v1/jobs?" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: f\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: f\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: f\r\n" + b"".join(b"X-H%d: 1\r\n" % i for i in range(500)) + b"\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: f\r\nNo colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: f\r\nX-Bad: a\x01b\r\n\r\n",
     ],
-    ids=["request-line", "header-size", "header-count"],
+    ids=["request-line", "header-size", "header-count", "header-without-colon", "control-character"],
 )
-async def test_oversized_request_head_is_400(daemon: Daemon, raw: bytes) -> None:
-    status, _, _ = await exchange(daemon, raw)
+async def test_unparsable_request_head_is_json_400(daemon: Daemon, raw: bytes) -> None:
+    reader, writer = await connect(daemon)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        status, headers, payload = await read_response(reader)
+        after = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    error = error_of(payload)
     assert status == 400
+    assert after == b""
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-request-id"]
+    assert error["error"] == "invalid_request"
+    assert error["detail"].startswith("invalid HTTP request: ")
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import json
 import re
 import socket
 from pathlib import Path
@@ -374,7 +375,10 @@ async def test_bad_framing_gives_400(tmp_path: Path, request_bytes: bytes) -> No
     async with running_proxy(tmp_path, upstream.port) as proxy:
         raw = await raw_exchange(proxy.url, request_bytes.replace(b"{path}", proxy.path("/").encode()))
         in_flight = proxy.queue.in_flight
-    assert raw.split(b"\r\n", 1)[0].split(b" ")[1] == b"400"
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].split(b" ")[1] == b"400"
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"] == "invalid_request"
     assert upstream.connections == 0
     assert in_flight == 0
 
