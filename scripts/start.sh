@@ -4,7 +4,9 @@
 # `floydd serve --config floydd.toml` and wait until GET /healthz returns 200.
 #
 # The state directory is /var/lib/floydd unless FLOYDD_SERVER_STATE_DIR is set.
-# Other FLOYDD_<SECTION>_<KEY> variables override floydd.toml as usual.
+# Other FLOYDD_<SECTION>_<KEY> variables override floydd.toml as usual. With
+# a state directory of its own, a second floydd (on another FLOYDD_SERVER_PORT)
+# keeps its pid file and log in that directory.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,9 +14,17 @@ cd "$repo"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 
-pid_file=/run/floydd.pid
-log_file=/var/log/floydd.log
 state_dir=${FLOYDD_SERVER_STATE_DIR:-/var/lib/floydd}
+# The token commands printed below must reach the same state directory.
+floydd_command=.venv/bin/floydd
+if [[ -n ${FLOYDD_SERVER_STATE_DIR:-} ]]; then
+    pid_file=$state_dir/floydd.pid
+    log_file=$state_dir/floydd.log
+    floydd_command="FLOYDD_SERVER_STATE_DIR=$state_dir .venv/bin/floydd"
+else
+    pid_file=/run/floydd.pid
+    log_file=/var/log/floydd.log
+fi
 health_timeout_s=30
 
 [[ $EUID -eq 0 ]] || die "run this script as root: it writes $pid_file and $log_file"
@@ -23,7 +33,7 @@ if [[ -s $pid_file ]]; then
     pid=$(<"$pid_file")
     if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q floydd; then
         echo "floydd is already running (pid $pid); stop it with: kill $pid"
-        echo "create an API token with: .venv/bin/floydd token create NAME --config floydd.toml"
+        echo "create an API token with: $floydd_command token create NAME --config floydd.toml"
         exit 0
     fi
     # The pid file of a floydd that has exited, or a reused pid.
@@ -97,11 +107,11 @@ done
 
 # floydd stores only a hash of each token, so every start creates and shows a new admin token.
 token=$(.venv/bin/floydd token create admin --admin --config floydd.toml 2>/dev/null) ||
-    die "cannot create an admin token; run: .venv/bin/floydd token create admin --admin --config floydd.toml"
+    die "cannot create an admin token; run: $floydd_command token create admin --admin --config floydd.toml"
 
 echo "floydd is running (pid $pid)"
 echo "  URL:   $base_url"
-echo "  token: $token (admin, shown once; revoke with: .venv/bin/floydd token revoke ID)"
+echo "  token: $token (admin, shown once; revoke with: $floydd_command token revoke ID)"
 echo "  use:   export FLOYDD_TOKEN=$token"
 echo "  log:   $log_file"
 echo "  state: $state_dir"
