@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -31,6 +29,7 @@ from aiohttp.typedefs import Handler
 
 from floydd.errors import Forbidden, InvalidRequest, JobNotFound, NotFound, Unauthorized
 from floydd.jobs import Job, utcnow
+from floydd.log import LogThrottle
 from floydd.store import JobStore
 
 log = structlog.get_logger(__name__)
@@ -158,8 +157,7 @@ class Authenticator:
         self.tokens = tokens
         self._store = store
         self._expose_cache: dict[str, tuple[str | None, bool]] = {}
-        self._last_rejection_log = -math.inf
-        self._rejections_not_logged = 0
+        self._rejection_log = LogThrottle(_REJECTION_LOG_INTERVAL_S)
 
     async def authenticate(self, request: web.Request) -> User:
         """Return the request's user, or raise Unauthorized; the result is kept on the request."""
@@ -191,15 +189,9 @@ class Authenticator:
 
     def _log_rejection(self, request: web.Request) -> None:
         """Log a rejected token at most once per interval, with the count of those not logged."""
-        now = time.monotonic()
-        if now - self._last_rejection_log < _REJECTION_LOG_INTERVAL_S:
-            self._rejections_not_logged += 1
-            return
-        log.info(
-            "auth_rejected", path=request.path, remote=request.remote, not_logged_before=self._rejections_not_logged
-        )
-        self._last_rejection_log = now
-        self._rejections_not_logged = 0
+        not_logged = self._rejection_log.allow()
+        if not_logged is not None:
+            log.info("auth_rejected", path=request.path, remote=request.remote, not_logged_before=not_logged)
 
     async def authorize_expose(self, request: web.Request, job_id: str) -> web.Request:
         """Check a `/expose/<id>` request against the job's privacy.

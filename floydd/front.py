@@ -36,6 +36,7 @@ from floydd.app import METRICS, PROXY, QUEUES
 from floydd.config import ServerSettings
 from floydd.errors import FloyddError, GatewayTimeout, InvalidRequest
 from floydd.flow import WriteFlowControl
+from floydd.log import LogThrottle
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, log_aborted, new_request_id, response_end_to_end, server_timing, upstream_headers
 from floydd.queue import Admission, JobQueue, QueueRegistry
@@ -55,6 +56,8 @@ COALESCE_BYTES = 64 * 1024
 SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 # Pipelined bytes kept while a request is in flight. Past this, floydd stops reading from the client.
 PIPELINE_BUFFER_BYTES = 64 * 1024
+# A client that sends many unparsable requests gets one log line per interval, not one per request.
+REJECTION_LOG_INTERVAL_S = 10.0
 
 
 class FrontServer:
@@ -76,13 +79,16 @@ class FrontServer:
         self.connections: set[FrontConnection] = set()
         self._closing = False
         self._handler_options = handler_options(settings)
+        self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)
 
     def new_handler(self, loop: asyncio.AbstractEventLoop) -> JsonErrorHandler:
         """Return aiohttp's protocol for a connection handed off by the fast path."""
-        return JsonErrorHandler(self.aiohttp_server, loop=loop, **self._handler_options)
+        return JsonErrorHandler(
+            self.aiohttp_server, loop=loop, rejection_log=self._rejection_log, **self._handler_options
+        )
 
     @property
     def closing(self) -> bool:
@@ -128,6 +134,10 @@ class JsonErrorHandler(web.RequestHandler):
     floydd's handlers and so without error_middleware.
     """
 
+    def __init__(self, manager: web.Server, *, rejection_log: LogThrottle, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._rejection_log = rejection_log
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -135,8 +145,14 @@ class JsonErrorHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        # aiohttp's own method logs the error and raises if the response has already started.
-        super().handle_error(request, status, exc, message)
+        if status == 400:
+            # A request aiohttp could not parse: the client's fault, which any client can repeat at will.
+            not_logged = self._rejection_log.allow()
+            if not_logged is not None:
+                log.info("http_request_rejected", remote=request.remote, detail=message, not_logged_before=not_logged)
+        else:
+            # aiohttp's own method logs the failure with its traceback, and raises if the response has started.
+            super().handle_error(request, status, exc, message)
         error = _handler_error(status, message)
         response = web.json_response(error.to_json(), status=status)
         response.headers["X-Request-ID"] = new_request_id()

@@ -16,8 +16,10 @@ ship the journal to a log store. Those lines get the prefix too.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,6 +83,25 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates the proxy's own request events.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogThrottle:
+    """A limit of one log line per interval, for events that clients can cause at will, such as rejected requests."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last = -math.inf
+        self._held_back = 0
+
+    def allow(self) -> int | None:
+        """Return how many lines were held back since the last one allowed, or None to hold this one back too."""
+        now = time.monotonic()
+        if now - self._last < self._interval_s:
+            self._held_back += 1
+            return None
+        held_back, self._held_back = self._held_back, 0
+        self._last = now
+        return held_back
 
 
 def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:

@@ -242,6 +242,20 @@ async def test_unparsable_request_head_is_json_400(daemon: Daemon, raw: bytes) -
     assert error["detail"].startswith("invalid HTTP request: ")
 
 
+async def test_unparsable_requests_logged_once_per_interval(daemon: Daemon) -> None:
+    for _ in range(3):
+        status, _, _ = await exchange(daemon, b"GET /healthz HTTP/1.1\r\nHost: f\r\nNo colon here\r\n\r\n")
+        assert status == 400
+    await daemon.stop()
+
+    rejected = daemon.logged("http_request_rejected")
+    errors = [event for event in daemon.events if event.get("level") == "error"]
+    assert len(rejected) == 1
+    assert rejected[0]["not_logged_before"] == 0
+    assert "Invalid header token" in rejected[0]["detail"]
+    assert errors == []
+
+
 @pytest.fixture
 async def impatient_daemon(tmp_path: Path, docker_engine: None) -> AsyncIterator[Daemon]:
     env = {"FLOYDD_SERVER_KEEPALIVE_TIMEOUT_S": "1", "FLOYDD_SERVER_BODY_TIMEOUT_S": "1"}
