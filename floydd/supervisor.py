@@ -131,7 +131,7 @@ class Supervisor:
             if job.state is JobState.QUEUED:
                 queued.append(job)
             elif found is not None and job.container_id == found.id and found.state != "created":
-                self._adopt(job)
+                self._adopt(job, found.running)
             elif job.container_id is None or (found is not None and found.state == "created"):
                 # Killed before the container started: nothing of the job ran, so start it afresh.
                 if found is not None:
@@ -145,13 +145,20 @@ class Supervisor:
             self._spawn(job, adopt=False)
         self._pruner = asyncio.create_task(self._prune_forever(), name="pruner")
 
-    def _adopt(self, job: Job) -> None:
+    def _adopt(self, job: Job, running: bool) -> None:
         devices = tuple(job.options.get("gpu_devices", ()))
         missing = self.gpus.claim(job.id, devices)
         if missing:
             log.warning("adopted_job_gpus_missing", job_id=job.id, devices=list(missing))
-        log.info("job_adopted", job_id=job.id, state=job.state.value, container_id=(job.container_id or "")[:12])
-        self._spawn(job, adopt=True)
+        log.info(
+            "job_adopted",
+            job_id=job.id,
+            state=job.state.value,
+            container_id=(job.container_id or "")[:12],
+            container_running=running,
+        )
+        # A container that exited while floydd was down gets no requests. They wait until its exit is recorded.
+        self._spawn(job, adopt=True, serving=running)
 
     async def _remove_leftover_files(self) -> None:
         """Remove half-received uploads and the folders of jobs that were never recorded."""
@@ -285,14 +292,14 @@ class Supervisor:
 
     # One task per job
 
-    def _spawn(self, job: Job, *, adopt: bool) -> None:
+    def _spawn(self, job: Job, *, adopt: bool, serving: bool = True) -> None:
         handle = _Handle()
         self._handles[job.id] = handle
         if job.mode is JobMode.SERVE and self._queues.get(job.id) is None:
             queue = self._queues.create(
                 job.id, concurrency=int(job.options.get("concurrency", 1)), public=not is_private(job)
             )
-            if adopt and job.host_port is not None and job.state is JobState.SERVING:
+            if adopt and serving and job.host_port is not None and job.state is JobState.SERVING:
                 queue.open(Upstream("127.0.0.1", job.host_port))
             handle.queue = queue
         handle.task = asyncio.create_task(self._supervise(job, handle, adopt), name=f"job-{job.id}")

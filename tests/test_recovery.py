@@ -359,6 +359,26 @@ async def test_exit_while_down_is_recorded(daemons: Daemons, client: aiohttp.Cli
     assert not await container_exists(job["id"])
 
 
+async def test_serve_exit_while_down_gets_no_requests(daemons: Daemons, client: aiohttp.ClientSession) -> None:
+    first = await daemons.start()
+    job = await submit_ok(client, first, APPS / "echo", mode="serve")
+    await wait_for_state(client, first, job["id"], {"serving"})
+    await daemons.kill()
+    async with aiodocker.Docker() as docker:
+        await docker.containers.container(f"floydd-{job['id']}").kill()
+
+    second = await daemons.start()
+    async with client.get(f"{job['endpoint'].replace(first.url, second.url)}/after-exit") as response:
+        status = response.status
+        error = await response.json()
+    ended = await wait_for_state(client, second, job["id"], {"failed"}, timeout_s=30)
+
+    assert status == 503
+    assert error["error"] == "job_not_serving"
+    assert ended["reason"] == "exited with code 137"
+    assert second.logged("job_adopted", job_id=job["id"], container_running=False)
+
+
 async def test_sigterm_finishes_request_in_flight(daemons: Daemons, client: aiohttp.ClientSession) -> None:
     daemon = await daemons.start()
     job = await submit_ok(client, daemon, APPS / "echo", mode="serve")
