@@ -225,11 +225,13 @@ class JobsApi:
     async def list(self, request: web.Request) -> web.Response:
         states = None
         if "state" in request.query:
+            # `state=a,b` and `state=a&state=b` both keep jobs in either state.
+            names = [name for value in request.query.getall("state") for name in value.split(",")]
             try:
-                states = [JobState(text) for text in request.query["state"].split(",")]
+                states = [JobState(name) for name in names]
             except ValueError:
                 raise InvalidRequest(
-                    f"invalid state filter {request.query['state']!r}; states: {', '.join(s.value for s in JobState)}"
+                    f"invalid state filter {','.join(names)!r}; states: {', '.join(s.value for s in JobState)}"
                 ) from None
         user = request_user(request)
         if user.is_admin:

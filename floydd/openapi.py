@@ -162,7 +162,7 @@ PATHS: dict[str, Schema] = {
                     "name": "state",
                     "in": "query",
                     "required": False,
-                    "description": "comma-separated states to keep",
+                    "description": "comma-separated states to keep; the parameter may also be repeated",
                     "schema": {"type": "string", "pattern": f"^{_STATE}(,{_STATE})*$"},
                 }
             ],

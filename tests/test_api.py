@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import APPS, Daemon, running_daemon, submit, submit_ok, tar_gz
+from tests.conftest import APPS, Daemon, running_daemon, submit, submit_ok, tar_gz, wait_for_state
 
 pytestmark = pytest.mark.docker
 
@@ -115,11 +115,29 @@ async def test_list_jobs_filters_by_state(daemon: Daemon, client: aiohttp.Client
     project.mkdir()
     (project / "run.py").write_text("print('done')\n")
     job = await submit_ok(client, daemon, project, command="python run.py")
-    async with client.get(f"{daemon.url}/api/v1/jobs") as response:
-        listed = await response.json()
-    assert [entry["id"] for entry in listed["jobs"]] == [job["id"]]
-    async with client.get(f"{daemon.url}/api/v1/jobs?state=bogus") as response:
-        assert response.status == 400
+    await wait_for_state(client, daemon, job["id"], {"succeeded"})
+    listed = {}
+    for query in (
+        "",
+        "?state=succeeded",
+        "?state=running",
+        "?state=running,succeeded",
+        "?state=running&state=succeeded",
+    ):
+        async with client.get(f"{daemon.url}/api/v1/jobs{query}") as response:
+            assert response.status == 200
+            listed[query] = [entry["id"] for entry in (await response.json())["jobs"]]
+    async with client.get(f"{daemon.url}/api/v1/jobs?state=running&state=bogus") as response:
+        bogus_status = response.status
+        bogus = await response.json()
+
+    assert listed[""] == [job["id"]]
+    assert listed["?state=succeeded"] == [job["id"]]
+    assert listed["?state=running"] == []
+    assert listed["?state=running,succeeded"] == [job["id"]]
+    assert listed["?state=running&state=succeeded"] == [job["id"]]
+    assert bogus_status == 400
+    assert "'running,bogus'" in bogus["detail"]
 
 
 @pytest.fixture
