@@ -64,8 +64,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.empty_body or exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
+        detail = exc.text or exc.reason
+        if detail == f"{exc.status}: {exc.reason}":
+            # aiohttp's default text for an unknown route or method names neither.
+            detail = f"{exc.reason.lower()}: {request.method} {request.path}"
         return web.json_response(
-            {"error": code, "detail": exc.text or exc.reason},
+            {"error": code, "detail": detail},
             status=exc.status,
             headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
         )

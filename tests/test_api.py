@@ -44,7 +44,16 @@ async def test_unknown_route_is_json_404(daemon: Daemon, client: aiohttp.ClientS
     async with client.get(f"{daemon.url}/api/v1/nothing") as response:
         assert response.status == 404
         body = await response.json()
-    assert body["error"] == "not_found"
+    assert body == {"error": "not_found", "detail": "not found: GET /api/v1/nothing"}
+
+
+async def test_wrong_method_is_json_405(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    async with client.put(f"{daemon.url}/api/v1/jobs") as response:
+        assert response.status == 405
+        allow = response.headers["Allow"]
+        body = await response.json()
+    assert set(allow.split(",")) == {"GET", "HEAD", "POST"}
+    assert body == {"error": "method_not_allowed", "detail": "method not allowed: PUT /api/v1/jobs"}
 
 
 @pytest.mark.parametrize(
