@@ -106,13 +106,16 @@ until kill -0 "$pid" 2>/dev/null && is_healthy; do
 done
 
 # floydd stores only a hash of each token, so every start creates and shows a new admin token.
+# The tokens of earlier starts stay valid, since scripts may use them, and the output says how to revoke them.
 token=$(.venv/bin/floydd token create admin --admin --config floydd.toml 2>/dev/null) ||
     die "cannot create an admin token; run: $floydd_command token create admin --admin --config floydd.toml"
 
 echo "floydd is running (pid $pid)"
 echo "  URL:   $base_url"
-echo "  token: $token (admin, shown once; revoke with: $floydd_command token revoke ID)"
+echo "  token: $token (admin, shown once)"
 echo "  use:   export FLOYDD_TOKEN=$token"
+echo "  older tokens stay valid; list them with: $floydd_command token list --config floydd.toml"
+echo "         and revoke one with: $floydd_command token revoke ID --config floydd.toml"
 echo "  log:   $log_file"
 echo "  state: $state_dir"
 echo "  stop:  kill \$(cat $pid_file)"
