@@ -101,7 +101,11 @@ SCHEMAS: dict[str, Schema] = {
             "env": {"type": "string"},
             "created_at": {"type": "string", "format": "date-time"},
             "started_at": {"type": ["string", "null"], "format": "date-time"},
-            "ended_at": {"type": ["string", "null"], "format": "date-time"},
+            "ended_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when the job's container stopped, as Docker recorded it, or when floydd ended the job",
+            },
             "deadline": {"type": "string", "format": "date-time"},
             "reason": {"type": ["string", "null"]},
             "exit_code": {"type": ["integer", "null"]},

@@ -68,6 +68,8 @@ class ContainerExit:
     exit_code: int
     oom_killed: bool
     error: str = ""
+    # When the container stopped, as Docker recorded it; None when unknown.
+    finished_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,18 @@ def parse_log_message(chunk: str) -> LogMessage:
     except ValueError:
         # Not stamped: keep the text, and resume from the last stamped message.
         return LogMessage(0, chunk)
+
+
+def _finished_at(state: dict[str, Any]) -> datetime | None:
+    """Return the container's stop time from its inspect state, or None if Docker has none."""
+    try:
+        finished_ns = parse_rfc3339_ns(str(state.get("FinishedAt") or ""))
+    except ValueError:
+        return None
+    # Docker reports 0001-01-01T00:00:00Z for a container that has not stopped.
+    if finished_ns <= 0:
+        return None
+    return datetime.fromtimestamp(finished_ns / 1e9, UTC)
 
 
 def parse_rfc3339_ns(stamp: str) -> int:
@@ -357,7 +371,12 @@ class DockerRuntime:
         oom_killed = bool(state.get("OOMKilled", False))
         if exit_code == SIGKILL_EXIT_CODE and not oom_killed:
             oom_killed = await self._late_oom_flag(container_id)
-        return ContainerExit(exit_code=exit_code, oom_killed=oom_killed, error=str(state.get("Error") or ""))
+        return ContainerExit(
+            exit_code=exit_code,
+            oom_killed=oom_killed,
+            error=str(state.get("Error") or ""),
+            finished_at=_finished_at(state),
+        )
 
     async def _late_oom_flag(self, container_id: str) -> bool:
         """Tell whether a container that exited with 137 was OOM-killed, when OOMKilled was false at first.

@@ -484,7 +484,9 @@ class Supervisor:
                 await self._runtime.remove(job.container_id)
             except RuntimeFailure as exc:
                 log.warning("container_remove_failed", job_id=job.id, error=exc.detail)
-        return await self._save(job, state, reason=reason, exit_code=exit_info.exit_code)
+        # Docker's stop time rather than now: for a container that exited while floydd was down, now is much later.
+        ended_at = min(exit_info.finished_at or utcnow(), utcnow())
+        return await self._save(job, state, reason=reason, exit_code=exit_info.exit_code, ended_at=ended_at)
 
     async def _end_after_error(self, job: Job, exc: Exception) -> Job:
         current = await self._store.get(job.id) or job

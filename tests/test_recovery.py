@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiodocker
@@ -349,10 +350,13 @@ async def test_exit_while_down_is_recorded(daemons: Daemons, client: aiohttp.Cli
     await daemons.kill()
     await asyncio.sleep(4)
 
+    restarted_at = datetime.now(UTC)
     second = await daemons.start()
     ended = await wait_for_state(client, second, job["id"], {"failed"}, timeout_s=30)
     logs = await get_logs(client, second, job["id"])
 
+    # The exit time Docker recorded, before floydd came back.
+    assert datetime.fromisoformat(ended["ended_at"]) < restarted_at
     assert ended["exit_code"] == 4
     assert ended["reason"] == "exited with code 4"
     assert logs == "begin\nend\n"
