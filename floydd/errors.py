@@ -102,6 +102,11 @@ class GatewayTimeout(FloyddError):
     code = "gateway_timeout"
 
 
+class HttpVersionNotSupported(FloyddError):
+    status = 505
+    code = "http_version_not_supported"
+
+
 class RuntimeFailure(FloyddError):
     """The Docker engine failed or did not respond in time."""
 

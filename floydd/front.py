@@ -22,6 +22,7 @@ import asyncio
 import email.utils
 import http
 import json
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from floydd.app import METRICS, PROXY, QUEUES
 from floydd.config import ServerSettings
-from floydd.errors import FloyddError, GatewayTimeout, InvalidRequest
+from floydd.errors import FloyddError, GatewayTimeout, HttpVersionNotSupported, InvalidRequest
 from floydd.flow import WriteFlowControl
 from floydd.log import LogThrottle
 from floydd.metrics import ProxyMetrics
@@ -56,6 +57,8 @@ COALESCE_BYTES = 64 * 1024
 SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 # Pipelined bytes kept while a request is in flight. Past this, floydd stops reading from the client.
 PIPELINE_BUFFER_BYTES = 64 * 1024
+# An HTTP version in a request line.
+HTTP_VERSION = re.compile(rb"HTTP/\d\.\d")
 # A client that sends many unparsable requests gets one log line per interval, not one per request.
 REJECTION_LOG_INTERVAL_S = 10.0
 
@@ -79,7 +82,7 @@ class FrontServer:
         self.connections: set[FrontConnection] = set()
         self._closing = False
         self._handler_options = handler_options(settings)
-        self._rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
+        self.rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)
@@ -87,7 +90,7 @@ class FrontServer:
     def new_handler(self, loop: asyncio.AbstractEventLoop) -> JsonErrorHandler:
         """Return aiohttp's protocol for a connection handed off by the fast path."""
         return JsonErrorHandler(
-            self.aiohttp_server, loop=loop, rejection_log=self._rejection_log, **self._handler_options
+            self.aiohttp_server, loop=loop, rejection_log=self.rejection_log, **self._handler_options
         )
 
     @property
@@ -146,10 +149,7 @@ class JsonErrorHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == 400:
-            # A request aiohttp could not parse: the client's fault, which any client can repeat at will.
-            not_logged = self._rejection_log.allow()
-            if not_logged is not None:
-                log.info("http_request_rejected", remote=request.remote, detail=message, not_logged_before=not_logged)
+            log_rejected(self._rejection_log, request.remote, message)
         else:
             # aiohttp's own method logs the failure with its traceback, and raises if the response has started.
             super().handle_error(request, status, exc, message)
@@ -158,6 +158,13 @@ class JsonErrorHandler(web.RequestHandler):
         response.headers["X-Request-ID"] = new_request_id()
         response.force_close()
         return response
+
+
+def log_rejected(throttle: LogThrottle, remote: str | None, detail: str | None) -> None:
+    """Log a request rejected before routing. It is the client's fault, and any client can repeat it at will."""
+    not_logged = throttle.allow()
+    if not_logged is not None:
+        log.info("http_request_rejected", remote=remote, detail=detail, not_logged_before=not_logged)
 
 
 def _handler_error(status: int, message: str | None) -> FloyddError:
@@ -550,11 +557,21 @@ class FrontConnection(asyncio.Protocol):
         transport.close()
 
     def _hand_off(self) -> None:
-        """Give the connection, with every byte read and not yet served, to a new aiohttp RequestHandler."""
+        """Give the connection, with every byte read and not yet served, to a new aiohttp RequestHandler.
+
+        A request line with an HTTP version other than 1.0 and 1.1 gets floydd's error instead, because
+        aiohttp would serve it and repeat that version in its status line, which no client can read.
+        """
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         self._cancel_timer()
+        error = _version_error(self._buffer)
+        if error is not None:
+            log_rejected(self._server.rejection_log, self.peer.decode("latin-1"), error.detail)
+            transport.write(error_response(error, new_request_id(), head_only=False, close=True))
+            transport.close()
+            return
         self._server.connections.discard(self)
         handler = self._server.new_handler(self._loop)
         transport.set_protocol(handler)
@@ -612,6 +629,21 @@ class FrontConnection(asyncio.Protocol):
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _version_error(buffer: bytearray) -> FloyddError | None:
+    """Return the error for a first request line without HTTP/1.0 or HTTP/1.1, or None to let aiohttp parse it."""
+    end = buffer.find(b"\n", 0, FAST_HEAD_BYTES)
+    if end < 0:
+        # Incomplete or longer than the fast path reads: aiohttp applies its line limit.
+        return None
+    parts = bytes(buffer[:end]).rstrip(b"\r").split(b" ")
+    if len(parts) == 2:
+        return InvalidRequest("the request line has no HTTP version; send HTTP/1.1")
+    if len(parts) == 3 and HTTP_VERSION.fullmatch(parts[2]) and parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
+        version = parts[2].decode("ascii")
+        return HttpVersionNotSupported(f"{version} is not supported on this port; send HTTP/1.1")
+    return None
 
 
 def _job_id(url: bytes) -> str:

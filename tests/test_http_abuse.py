@@ -242,6 +242,33 @@ async def test_unparsable_request_head_is_json_400(daemon: Daemon, raw: bytes) -
     assert error["detail"].startswith("invalid HTTP request: ")
 
 
+@pytest.mark.parametrize(
+    ("raw", "status_line", "code"),
+    [
+        (b"GET /healthz\r\n\r\n", b"HTTP/1.1 400 Bad Request", "invalid_request"),
+        (b"GET /expose/0123456789abcdef\r\n\r\n", b"HTTP/1.1 400 Bad Request", "invalid_request"),
+        (
+            b"GET /healthz HTTP/2.0\r\nHost: f\r\n\r\n",
+            b"HTTP/1.1 505 HTTP Version Not Supported",
+            "http_version_not_supported",
+        ),
+    ],
+    ids=["no-version", "no-version-expose", "http-2.0"],
+)
+async def test_unsupported_http_version_rejected(daemon: Daemon, raw: bytes, status_line: bytes, code: str) -> None:
+    reader, writer = await connect(daemon)
+    try:
+        writer.write(raw)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == status_line
+    assert b"\r\nConnection: close" in head
+    assert error_of(body)["error"] == code
+
+
 async def test_unparsable_requests_logged_once_per_interval(daemon: Daemon) -> None:
     for _ in range(3):
         status, _, _ = await exchange(daemon, b"GET /healthz HTTP/1.1\r\nHost: f\r\nNo colon here\r\n\r\n")
