@@ -36,6 +36,8 @@ class RequestContext:
     resources: ResourceSettings
     datasets: DatasetStore
     gpu_count: int
+    # The CPUs the Docker engine can give one container.
+    host_cpus: int
     # Returns the job with that id, or None.
     find_job: Callable[[str], Awaitable[Job | None]]
     # Whether a finished job's output folder still exists (not pruned).
@@ -57,7 +59,7 @@ async def resolve_requests(fields: dict[str, str], data: list[str], context: Req
     if "memory" in fields:
         options["memory_bytes"] = _parse_memory(fields["memory"], context.resources)
     if "cpus" in fields:
-        options["cpus"] = _parse_cpus(fields["cpus"], context.resources)
+        options["cpus"] = _parse_cpus(fields["cpus"], context.resources, context.host_cpus)
     return options
 
 
@@ -133,11 +135,13 @@ def _parse_memory(text: str, resources: ResourceSettings) -> int:
     return size
 
 
-def _parse_cpus(text: str, resources: ResourceSettings) -> float:
+def _parse_cpus(text: str, resources: ResourceSettings, host_cpus: int) -> float:
     try:
         cpus = float(text)
     except ValueError:
         raise InvalidRequest(f"invalid cpus {text!r}: use a number such as 1.5") from None
     if not 0.01 <= cpus <= resources.max_cpus:
         raise InvalidRequest(f"cpus {text!r} must be between 0.01 and {resources.max_cpus:g}")
+    if cpus > host_cpus:
+        raise InvalidRequest(f"cpus {text!r} is more than this host's {host_cpus} CPUs")
     return cpus

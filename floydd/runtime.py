@@ -230,6 +230,8 @@ class DockerRuntime:
         self._settings = settings
         self.instance_id = instance_id
         self._docker: aiodocker.Docker | None = None
+        # The CPUs the engine can give a container; Docker rejects a larger NanoCpus. Set by open().
+        self.host_cpus = os.cpu_count() or 1
 
     @property
     def docker(self) -> aiodocker.Docker:
@@ -240,7 +242,14 @@ class DockerRuntime:
     async def open(self) -> None:
         self._docker = _connect(self._settings.url)
         version = await self._call(self.docker.version(), "version")
-        log.info("docker_connected", version=version.get("Version"), api_version=version.get("ApiVersion"))
+        info = await self._call(self.docker.system.info(), "info")
+        self.host_cpus = int(info.get("NCPU") or self.host_cpus)
+        log.info(
+            "docker_connected",
+            version=version.get("Version"),
+            api_version=version.get("ApiVersion"),
+            host_cpus=self.host_cpus,
+        )
         if self._settings.network:
             await self._ensure_network(self._settings.network)
 

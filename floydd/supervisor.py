@@ -237,6 +237,7 @@ class Supervisor:
             resources=self._settings.resources,
             datasets=self.datasets,
             gpu_count=self.gpus.total,
+            host_cpus=self._runtime.host_cpus,
             find_job=self._store.get,
             has_output=lambda job_id: self.files(job_id).output.is_dir(),
             may_use_job=lambda job: user.is_admin or job.owner == user.name,
@@ -382,7 +383,8 @@ class Supervisor:
         files = self.files(job.id)
         resources = self._settings.resources
         memory_bytes = int(job.options.get("memory_bytes") or resources.default_memory_mib * 1024**2)
-        cpus = float(job.options.get("cpus") or resources.default_cpus)
+        # A job's own request was checked against the host at submission. The default may exceed a small host.
+        cpus = float(job.options.get("cpus") or min(resources.default_cpus, self._runtime.host_cpus))
         return ContainerSpec(
             code_dir=files.code,
             output_dir=files.output,

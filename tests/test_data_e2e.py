@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import aiodocker
 import aiohttp
 import pytest
 
@@ -16,6 +17,7 @@ from tests.conftest import (
     create_token,
     get_logs,
     remove_job_containers,
+    running_daemon,
     start_daemon,
     submit_ok,
     tar_gz,
@@ -198,6 +200,24 @@ async def test_invalid_requests_rejected(
 
     assert status == 400
     assert fragment in body["detail"]
+
+
+async def test_cpus_capped_at_host(tmp_path: Path, docker_engine: None, client: aiohttp.ClientSession) -> None:
+    """Caps above the host's CPU count: a request over the host is rejected, and the default is cut to the host."""
+    async with aiodocker.Docker() as docker:
+        host_cpus = int((await docker.system.info())["NCPU"])
+    env = {"FLOYDD_RESOURCES_MAX_CPUS": "4096", "FLOYDD_RESOURCES_DEFAULT_CPUS": "4096"}
+    async with running_daemon(tmp_path, env=env) as daemon:
+        project = folder_with(tmp_path, "p", {"run.sh": "sleep 300\n"})
+        status, rejected = await submit_with_data(client, daemon, project, "sh run.sh", [], cpus=str(host_cpus + 1))
+        job = await submit_ok(client, daemon, project, command="sh run.sh")
+        await wait_for_state(client, daemon, job["id"], {"running"})
+        async with aiodocker.Docker() as docker:
+            info = await docker.containers.container(f"floydd-{job['id']}").show()
+
+    assert status == 400
+    assert rejected["detail"] == f"cpus '{host_cpus + 1}' is more than this host's {host_cpus} CPUs"
+    assert info["HostConfig"]["NanoCpus"] == host_cpus * 10**9
 
 
 async def test_delete_job_removes_everything(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
