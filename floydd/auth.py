@@ -40,8 +40,6 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 REALM = "floydd"
 # Job ids whose privacy is cached for /expose; privacy and owner never change after creation.
 _EXPOSE_CACHE_SIZE = 10_000
-# A client that tries many tokens gets one log line per interval, not one per request.
-_REJECTION_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +155,7 @@ class Authenticator:
         self.tokens = tokens
         self._store = store
         self._expose_cache: dict[str, tuple[str | None, bool]] = {}
-        self._rejection_log = LogThrottle(_REJECTION_LOG_INTERVAL_S)
+        self._rejection_log = LogThrottle()
 
     async def authenticate(self, request: web.Request) -> User:
         """Return the request's user, or raise Unauthorized; the result is kept on the request."""

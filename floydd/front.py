@@ -59,8 +59,6 @@ SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 PIPELINE_BUFFER_BYTES = 64 * 1024
 # An HTTP version in a request line.
 HTTP_VERSION = re.compile(rb"HTTP/\d\.\d")
-# A client that sends many unparsable requests gets one log line per interval, not one per request.
-REJECTION_LOG_INTERVAL_S = 10.0
 
 
 class FrontServer:
@@ -82,7 +80,7 @@ class FrontServer:
         self.connections: set[FrontConnection] = set()
         self._closing = False
         self._handler_options = handler_options(settings)
-        self.rejection_log = LogThrottle(REJECTION_LOG_INTERVAL_S)
+        self.rejection_log = LogThrottle()
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)

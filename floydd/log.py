@@ -85,10 +85,14 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+# Events that clients can cause at will get one log line per this many seconds, with the count left out.
+REJECTION_LOG_INTERVAL_S = 10.0
+
+
 class LogThrottle:
     """A limit of one log line per interval, for events that clients can cause at will, such as rejected requests."""
 
-    def __init__(self, interval_s: float) -> None:
+    def __init__(self, interval_s: float = REJECTION_LOG_INTERVAL_S) -> None:
         self._interval_s = interval_s
         self._last = -math.inf
         self._held_back = 0

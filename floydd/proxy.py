@@ -31,7 +31,9 @@ from floydd.errors import (
     JobNotFound,
     JobNotServing,
     PayloadTooLarge,
+    ServiceUnavailable,
 )
+from floydd.log import LogThrottle
 from floydd.metrics import ProxyMetrics
 from floydd.queue import Admission, JobQueue, QueueRegistry
 from floydd.request_body import RequestBody, read_chunked_body, stream_body
@@ -183,6 +185,7 @@ class Proxy:
         self._store = store
         self._metrics = metrics
         self._spool_dir = spool_dir
+        self._rejection_log = LogThrottle()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
@@ -211,16 +214,28 @@ class Proxy:
         return self._settings
 
     def log_failure(self, error: FloyddError, job_id: str, request_id: str) -> None:
-        """Log an error response that is floydd's or the app's fault (5xx)."""
-        if error.status >= 500:
-            log.warning(
-                "proxy_request_failed",
-                job_id=job_id,
-                request_id=request_id,
-                status=error.status,
-                error=error.code,
-                detail=error.detail,
-            )
+        """Log an error response that is floydd's or the app's fault (5xx).
+
+        Requests turned away because a job is busy or not serving come in bursts
+        that any client can cause, so they get one line per interval; the metrics count each one.
+        """
+        if error.status < 500:
+            return
+        fields: dict[str, object] = {}
+        if isinstance(error, ServiceUnavailable):
+            not_logged = self._rejection_log.allow()
+            if not_logged is None:
+                return
+            fields["not_logged_before"] = not_logged
+        log.warning(
+            "proxy_request_failed",
+            job_id=job_id,
+            request_id=request_id,
+            status=error.status,
+            error=error.code,
+            detail=error.detail,
+            **fields,
+        )
 
     async def not_serving(self, job_id: str) -> FloyddError:
         """Return the error for a job without a queue: unknown, or ended."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog.testing
 from aiohttp import web
 
 from floydd import upstream as upstream_module
@@ -573,6 +574,28 @@ async def test_full_queue_gives_503(tmp_path: Path) -> None:
     assert body["error"] == "queue_full"
     assert body["queue_depth"] == 2
     assert int(rejected.headers["Retry-After"]) >= 1
+
+
+async def test_full_queue_rejections_logged_once_per_interval(tmp_path: Path) -> None:
+    release = asyncio.Event()
+    upstream = await hold_upstream(release, [])
+    async with running_proxy(tmp_path, upstream.port, max_queue_depth=1) as proxy:
+        async with aiohttp.ClientSession() as client:
+            waiting = [asyncio.create_task(client.get(proxy.url + proxy.path("/"))) for _ in range(2)]
+            await asyncio.sleep(0.3)
+            with structlog.testing.capture_logs() as logs:
+                statuses = []
+                for _ in range(5):
+                    async with client.get(proxy.url + proxy.path("/")) as rejected:
+                        statuses.append(rejected.status)
+            release.set()
+            for response in await asyncio.gather(*waiting):
+                response.release()
+    failures = [entry for entry in logs if entry["event"] == "proxy_request_failed"]
+    assert statuses == [503] * 5
+    assert len(failures) == 1
+    assert failures[0]["error"] == "queue_full"
+    assert failures[0]["not_logged_before"] == 0
 
 
 async def test_queue_wait_limit_gives_503(tmp_path: Path) -> None:
