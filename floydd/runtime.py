@@ -50,13 +50,19 @@ OOM_FLAG_POLL_INTERVAL_S = 0.2
 # Maximum pause between two tries of a wait or log stream that the engine broke off.
 MAX_RETRY_DELAY_S = 30.0
 
+# The line that SERVE_SCRIPT prints, followed by pip's exit code, when installing the requirements failed.
+INSTALL_FAILED_MARKER = "floydd: installing floyd_requirements.txt failed with exit code"
 # Serve mode: install the project's requirements when present, then hand the
 # process over to the app so it receives the container's signals directly.
-SERVE_SCRIPT = """\
+SERVE_SCRIPT = f"""\
 set -e
 if [ -f floyd_requirements.txt ]; then
     echo "floydd: installing floyd_requirements.txt"
-    python -m pip install --disable-pip-version-check --no-input -r floyd_requirements.txt
+    python -m pip install --disable-pip-version-check --no-input -r floyd_requirements.txt || {{
+        status=$?
+        echo "{INSTALL_FAILED_MARKER} $status"
+        exit $status
+    }}
 fi
 echo "floydd: starting python app.py"
 exec python app.py

@@ -29,7 +29,15 @@ from floydd.jobrequests import RequestContext
 from floydd.jobs import FINAL_STATES, Job, JobMode, JobState, utcnow
 from floydd.queue import JobQueue, QueueRegistry, Upstream
 from floydd.readiness import LoopbackOnly, wait_until_listening
-from floydd.runtime import APP_PORT, MAX_RETRY_DELAY_S, ContainerExit, ContainerSpec, DockerRuntime, Mount
+from floydd.runtime import (
+    APP_PORT,
+    INSTALL_FAILED_MARKER,
+    MAX_RETRY_DELAY_S,
+    ContainerExit,
+    ContainerSpec,
+    DockerRuntime,
+    Mount,
+)
 from floydd.store import JobStore
 
 log = structlog.get_logger(__name__)
@@ -37,6 +45,8 @@ log = structlog.get_logger(__name__)
 # How long a cancelled job task waits for the response to a container create it has sent, so it can remove the
 # container. Kept short because a shutdown spends it, and the next start removes a container the wait missed.
 CREATE_SETTLE_S = 5.0
+# How much of the end of a failed serve job's log is searched for the requirements' install failure.
+LOG_TAIL_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -479,6 +489,9 @@ class Supervisor:
 
     async def _finish(self, job: Job, handle: _Handle, exit_info: ContainerExit) -> Job:
         state, reason = _outcome(job, handle, exit_info, self._settings.jobs.start_timeout_s)
+        if state is JobState.FAILED and job.state is JobState.STARTING and job.mode is JobMode.SERVE:
+            install_failure = await asyncio.to_thread(_install_failure, self.files(job.id).logs)
+            reason = install_failure or reason
         # The container goes first, so that a client that sees the final state
         # never finds the container still there.
         if job.container_id is not None:
@@ -584,6 +597,21 @@ def _outcome(
             return JobState.FAILED, "the app exited with code 0 while it should serve"
         return JobState.SUCCEEDED, None
     return JobState.FAILED, f"exited with code {exit_info.exit_code}"
+
+
+def _install_failure(logs: Path) -> str | None:
+    """Return the reason for a serve job whose requirements failed to install, from the end of its log."""
+    try:
+        with logs.open("rb") as file:
+            file.seek(max(0, logs.stat().st_size - LOG_TAIL_BYTES))
+            tail = file.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return None
+    for line in reversed(tail.splitlines()):
+        if line.startswith(INSTALL_FAILED_MARKER):
+            code = line.removeprefix(INSTALL_FAILED_MARKER).strip()
+            return f"installing floyd_requirements.txt failed: pip exited with code {code}; see the job's logs"
+    return None
 
 
 async def _first_of(*awaitables: Awaitable[object], timeout_s: float | None = None) -> asyncio.Future[object] | None:

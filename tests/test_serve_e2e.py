@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import io
+import zipfile
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -225,3 +229,67 @@ async def test_loopback_only_app_fails_clearly(daemon: Daemon, client: aiohttp.C
     assert "listens on 127.0.0.1:5000 only" in ended["reason"]
     assert 'host="0.0.0.0"' in ended["reason"]
     assert not await container_exists(job["id"])
+
+
+def probe_wheel(folder: Path) -> str:
+    """Write a wheel of one module, `floydd_probe`, into `folder` and return its file name.
+
+    pip installs a local wheel without a package index, so the test needs no network.
+    """
+    name = "floydd_probe-1.0-py3-none-any.whl"
+    files = {
+        "floydd_probe.py": b'VALUE = "installed from floyd_requirements.txt"\n',
+        "floydd_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: floydd-probe\nVersion: 1.0\n",
+        "floydd_probe-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: floydd-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for path, data in files.items()
+    ]
+    record.append("floydd_probe-1.0.dist-info/RECORD,,")
+    with zipfile.ZipFile(folder / name, "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+        wheel.writestr("floydd_probe-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+    return name
+
+
+async def test_requirements_installed_before_app(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    project = tmp_path / "needs-probe"
+    project.mkdir()
+    (project / "floyd_requirements.txt").write_text(f"./{probe_wheel(project)}\n")
+    (project / "app.py").write_text(
+        "from flask import Flask\nimport floydd_probe\n\napp = Flask(__name__)\n\n\n"
+        "@app.route('/')\ndef value():\n    return floydd_probe.VALUE\n\n\n"
+        "app.run(host='0.0.0.0', port=5000)\n"
+    )
+    job = await submit_ok(client, daemon, project, mode="serve")
+    await wait_for_state(client, daemon, job["id"], {"serving"}, timeout_s=120)
+    async with client.get(job["endpoint"]) as response:
+        status = response.status
+        text = await response.text()
+    logs = await get_logs(client, daemon, job["id"])
+
+    assert status == 200
+    assert text == "installed from floyd_requirements.txt"
+    assert "floydd: installing floyd_requirements.txt" in logs
+    assert "Successfully installed floydd-probe-1.0" in logs
+
+
+async def test_failed_requirements_named_in_reason(
+    daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    project = tmp_path / "missing-requirement"
+    project.mkdir()
+    # A local path that does not exist fails at once, without asking a package index.
+    (project / "floyd_requirements.txt").write_text("./not-a-package-1.0-py3-none-any.whl\n")
+    (project / "app.py").write_text("print('never started')\n")
+    job = await submit_ok(client, daemon, project, mode="serve")
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"}, timeout_s=120)
+    logs = await get_logs(client, daemon, job["id"])
+
+    assert ended["exit_code"] == 1
+    assert ended["reason"] == "installing floyd_requirements.txt failed: pip exited with code 1; see the job's logs"
+    assert "never started" not in logs
