@@ -6,6 +6,7 @@ reused, so `data=name/2` always means the same files. The store lives
 only in the file system, under `<state_dir>/datasets`:
 
     <name>/next-version      the number the next upload gets
+    <name>/owner             the user the name belongs to, kept after its versions are deleted
     <name>/<N>/data/         the unpacked files, mounted into jobs
     <name>/<N>/dataset.json  size, file count and creation time
 
@@ -119,9 +120,11 @@ class DatasetStore:
     def _add(self, name: str, unpacked: Path, owner: str) -> DatasetVersion:
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
-        others = {version.owner for version in self._versions(name)} - {owner}
-        if others:
+        recorded = self._owner(folder)
+        if recorded is not None and recorded != owner:
             raise DatasetNameTaken(f"dataset name {name!r} belongs to another user; choose another name")
+        if not (folder / "owner").is_file():
+            _write_atomic(folder / "owner", owner)
         version = self._next_version(folder)
         files, size = measure(unpacked)
         meta = {
@@ -138,6 +141,15 @@ class DatasetStore:
         _write_atomic(folder / "next-version", str(version + 1))
         holder.rename(folder / str(version))
         return self._load(name, version)
+
+    def _owner(self, folder: Path) -> str | None:
+        """Return the user the name belongs to, or None for a new name."""
+        try:
+            return (folder / "owner").read_text().strip() or None
+        except FileNotFoundError:
+            # A store written before names recorded their owner: the owner of any version.
+            owners = {version.owner for version in self._versions(folder.name) if version.owner}
+            return min(owners) if owners else None
 
     def _next_version(self, folder: Path) -> int:
         try:

@@ -28,12 +28,16 @@ pytestmark = pytest.mark.docker
 
 
 async def upload_dataset(
-    client: aiohttp.ClientSession, daemon: Daemon, name: str, folder: Path
+    client: aiohttp.ClientSession,
+    daemon: Daemon,
+    name: str,
+    folder: Path,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, Any]]:
     form = aiohttp.FormData()
     form.add_field("name", name)
     form.add_field("data", tar_gz(folder), filename="data.tar.gz", content_type="application/gzip")
-    async with client.post(f"{daemon.url}/api/v1/datasets", data=form) as response:
+    async with client.post(f"{daemon.url}/api/v1/datasets", data=form, headers=headers) as response:
         return response.status, await response.json()
 
 
@@ -303,3 +307,23 @@ async def test_other_users_data_hidden(daemon: Daemon, client: aiohttp.ClientSes
     assert job_deleted == 404
     assert mounted == 404
     assert "no dataset named 'secret'" in body["detail"]
+
+
+async def test_dataset_name_stays_with_owner(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    alice = {"Authorization": f"Bearer {await create_token(daemon.state_dir, 'alice')}"}
+    bob = {"Authorization": f"Bearer {await create_token(daemon.state_dir, 'bob')}"}
+    folder = folder_with(tmp_path, "d", {"n.txt": "1\n"})
+    created, _ = await upload_dataset(client, daemon, "shared", folder, alice)
+    taken, taken_body = await upload_dataset(client, daemon, "shared", folder, bob)
+    async with client.delete(f"{daemon.url}/api/v1/datasets/shared/1", headers=alice) as response:
+        deleted = response.status
+    still_taken, _ = await upload_dataset(client, daemon, "shared", folder, bob)
+    again, again_body = await upload_dataset(client, daemon, "shared", folder, alice)
+
+    assert created == 201
+    assert taken == 409
+    assert taken_body["error"] == "dataset_name_taken"
+    assert deleted == 200
+    assert still_taken == 409
+    assert again == 201
+    assert again_body["version"] == 2
