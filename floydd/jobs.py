@@ -106,11 +106,17 @@ class Job:
             "exit_code": self.exit_code,
             "owner": self.owner,
             "private": bool(self.options.get("private", False)),
+            # What the submission asked for, as accepted: datasets resolved to versions, caps applied.
+            "data": [dict(entry) for entry in self.options.get("data", [])],
+            "memory_bytes": self.options.get("memory_bytes"),
+            "cpus": self.options.get("cpus"),
+            "gpus": int(self.options.get("gpus", 0)),
         }
         if self.mode is JobMode.COMMAND:
             body["command"] = self.command
         else:
             body["endpoint"] = f"{base_url}/expose/{self.id}"
+            body["concurrency"] = int(self.options.get("concurrency", 1))
         return body
 
 

@@ -113,6 +113,29 @@ SCHEMAS: dict[str, Schema] = {
             "private": {"type": "boolean", "description": "whether /expose/<id> needs the owner's token"},
             "command": {"type": ["string", "null"], "description": "command mode only"},
             "endpoint": {"type": "string", "description": "serve mode only: the job's /expose URL"},
+            "data": {
+                "type": "array",
+                "description": "the data mounts, with each dataset resolved to the version mounted",
+                "items": {
+                    "type": "object",
+                    "required": ["mount"],
+                    "properties": {
+                        "dataset": {"type": "string", "description": "NAME/VERSION"},
+                        "job_output": {"type": "string", "description": "the id of the job whose output is mounted"},
+                        "mount": {"type": "string"},
+                    },
+                },
+            },
+            "memory_bytes": {
+                "type": ["integer", "null"],
+                "description": "the memory requested; null for resources.default_memory_mib",
+            },
+            "cpus": {"type": ["number", "null"], "description": "the CPUs requested; null for resources.default_cpus"},
+            "gpus": {"type": "integer", "description": "the number of GPUs requested"},
+            "concurrency": {
+                "type": "integer",
+                "description": "serve mode only: requests the app gets at once, after the cap of proxy.max_concurrency",
+            },
         },
     },
     "JobList": {

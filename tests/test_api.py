@@ -119,6 +119,19 @@ async def test_max_uptime_is_capped(daemon: Daemon, client: aiohttp.ClientSessio
     assert (deadline - created).total_seconds() == 7 * 24 * 3600
 
 
+async def test_job_shows_accepted_requests(daemon: Daemon, client: aiohttp.ClientSession) -> None:
+    capped = await submit_ok(client, daemon, APPS / "echo", mode="serve", concurrency="9", memory="300m")
+    plain = await submit_ok(client, daemon, APPS / "echo", mode="serve")
+
+    assert capped["concurrency"] == 8
+    assert capped["memory_bytes"] == 300 * 1024 * 1024
+    assert plain["concurrency"] == 1
+    assert plain["memory_bytes"] is None
+    assert plain["cpus"] is None
+    assert plain["gpus"] == 0
+    assert plain["data"] == []
+
+
 async def test_list_jobs_filters_by_state(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
     project = tmp_path / "quick"
     project.mkdir()

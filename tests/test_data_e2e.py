@@ -94,6 +94,7 @@ async def test_dataset_read_by_job_output_downloaded(
 
     assert status == 201
     assert dataset["id"] == "numbers/1"
+    assert job["data"] == [{"dataset": "numbers/1", "mount": "/input"}]
     assert archive_status == 200
     assert contents == {"count.txt": "3\n", "mode.txt": "read-only\n", "sub/copy.txt": "1\n2\n3\n"}
     assert single_status == 200

@@ -295,6 +295,9 @@ async def test_container_is_confined(daemons: Daemons, client: aiohttp.ClientSes
     assert host["Memory"] == 256 * 1024 * 1024
     assert host["MemorySwap"] == 256 * 1024 * 1024
     assert host["NanoCpus"] == 500_000_000
+    assert job["memory_bytes"] == 256 * 1024 * 1024
+    assert job["cpus"] == 0.5
+    assert job["concurrency"] == 1
     assert binds == ["/code", "/output"]
     assert not any("docker.sock" in bind for bind in host["Binds"])
     assert host["NetworkMode"] == "floydd-jobs"
