@@ -488,10 +488,10 @@ class Supervisor:
         return job
 
     async def _finish(self, job: Job, handle: _Handle, exit_info: ContainerExit) -> Job:
-        state, reason = _outcome(job, handle, exit_info, self._settings.jobs.start_timeout_s)
-        if state is JobState.FAILED and job.state is JobState.STARTING and job.mode is JobMode.SERVE:
+        install_failure = None
+        if job.mode is JobMode.SERVE and job.state is JobState.STARTING and exit_info.exit_code != 0:
             install_failure = await asyncio.to_thread(_install_failure, self.files(job.id).logs)
-            reason = install_failure or reason
+        state, reason = _outcome(job, handle, exit_info, self._settings.jobs.start_timeout_s, install_failure)
         # The container goes first, so that a client that sees the final state
         # never finds the container still there.
         if job.container_id is not None:
@@ -580,8 +580,9 @@ def _end_reason(handle: _Handle) -> str:
 
 
 def _outcome(
-    job: Job, handle: _Handle, exit_info: ContainerExit, start_timeout_s: float
+    job: Job, handle: _Handle, exit_info: ContainerExit, start_timeout_s: float, install_failure: str | None = None
 ) -> tuple[JobState, str | None]:
+    """Return a job's final state and reason. `install_failure` replaces only the plain exit code as the reason."""
     if handle.end_request is JobState.FAILED and handle.failure:
         return JobState.FAILED, handle.failure
     if handle.end_request is JobState.FAILED:
@@ -596,7 +597,7 @@ def _outcome(
         if job.mode is JobMode.SERVE:
             return JobState.FAILED, "the app exited with code 0 while it should serve"
         return JobState.SUCCEEDED, None
-    return JobState.FAILED, f"exited with code {exit_info.exit_code}"
+    return JobState.FAILED, install_failure or f"exited with code {exit_info.exit_code}"
 
 
 def _install_failure(logs: Path) -> str | None:

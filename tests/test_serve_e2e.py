@@ -293,3 +293,16 @@ async def test_failed_requirements_named_in_reason(
     assert ended["exit_code"] == 1
     assert ended["reason"] == "installing floyd_requirements.txt failed: pip exited with code 1; see the job's logs"
     assert "never started" not in logs
+
+
+async def test_requirements_out_of_memory_reason(daemon: Daemon, client: aiohttp.ClientSession, tmp_path: Path) -> None:
+    project = tmp_path / "small-memory"
+    project.mkdir()
+    (project / "floyd_requirements.txt").write_text(f"./{probe_wheel(project)}\n")
+    (project / "app.py").write_text("print('never started')\n")
+    # pip needs more memory than this, so the kernel kills it during the install.
+    job = await submit_ok(client, daemon, project, mode="serve", memory="24m")
+    ended = await wait_for_state(client, daemon, job["id"], {"failed"}, timeout_s=120)
+
+    assert ended["reason"] == "out of memory"
+    assert ended["exit_code"] == 137
