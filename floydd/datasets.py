@@ -123,8 +123,6 @@ class DatasetStore:
         recorded = self._owner(folder)
         if recorded is not None and recorded != owner:
             raise DatasetNameTaken(f"dataset name {name!r} belongs to another user; choose another name")
-        if not (folder / "owner").is_file():
-            _write_atomic(folder / "owner", owner)
         version = self._next_version(folder)
         files, size = measure(unpacked)
         meta = {
@@ -140,6 +138,7 @@ class DatasetStore:
         # The counter moves first: a crash between the two steps skips a number, never reuses one.
         _write_atomic(folder / "next-version", str(version + 1))
         holder.rename(folder / str(version))
+        _record_owner(folder, owner)
         return self._load(name, version)
 
     def _owner(self, folder: Path) -> str | None:
@@ -210,6 +209,9 @@ class DatasetStore:
 
     async def delete(self, dataset: DatasetVersion) -> None:
         async with self._locks.setdefault(dataset.name, asyncio.Lock()):
+            if dataset.owner:
+                # A name stored before names recorded their owner keeps it after its last version goes.
+                await asyncio.to_thread(_record_owner, dataset.path.parent, dataset.owner)
             # Renamed away first, so no job can be handed a half-deleted folder.
             doomed = self.new_staging_path()
             dataset.path.rename(doomed)
@@ -225,6 +227,12 @@ def measure(folder: Path) -> tuple[int, int]:
             files += 1
             size += os.lstat(os.path.join(directory, name)).st_size
     return files, size
+
+
+def _record_owner(folder: Path, owner: str) -> None:
+    """Record the owner of the name in `folder`, unless it is recorded already."""
+    if not (folder / "owner").is_file():
+        _write_atomic(folder / "owner", owner)
 
 
 def _write_atomic(path: Path, text: str) -> None:
