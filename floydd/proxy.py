@@ -43,6 +43,9 @@ from floydd.upstream import AppConnection, UpstreamBroken, UpstreamResponse, sen
 
 log = structlog.get_logger(__name__)
 
+# The most rejection-log throttles kept, one per job and error code.
+MAX_REJECTION_LOGS = 1024
+
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -185,7 +188,8 @@ class Proxy:
         self._store = store
         self._metrics = metrics
         self._spool_dir = spool_dir
-        self._rejection_log = LogThrottle()
+        # One throttle per job and error code, so one busy job's rejections do not hide another's.
+        self._rejection_logs: dict[tuple[str, str], LogThrottle] = {}
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
@@ -217,13 +221,14 @@ class Proxy:
         """Log an error response that is floydd's or the app's fault (5xx).
 
         Requests turned away because a job is busy or not serving come in bursts
-        that any client can cause, so they get one line per interval; the metrics count each one.
+        that any client can cause, so they get one line per job, code and interval.
+        The metrics count each one.
         """
         if error.status < 500:
             return
         fields: dict[str, object] = {}
         if isinstance(error, ServiceUnavailable):
-            not_logged = self._rejection_log.allow()
+            not_logged = self._rejection_log(job_id, error.code).allow()
             if not_logged is None:
                 return
             fields["not_logged_before"] = not_logged
@@ -236,6 +241,15 @@ class Proxy:
             detail=error.detail,
             **fields,
         )
+
+    def _rejection_log(self, job_id: str, code: str) -> LogThrottle:
+        throttle = self._rejection_logs.get((job_id, code))
+        if throttle is None:
+            if len(self._rejection_logs) >= MAX_REJECTION_LOGS:
+                # Ended jobs' throttles are not needed any more; starting over costs at most one line per job.
+                self._rejection_logs.clear()
+            throttle = self._rejection_logs[(job_id, code)] = LogThrottle()
+        return throttle
 
     async def not_serving(self, job_id: str) -> FloyddError:
         """Return the error for a job without a queue: unknown, or ended."""

@@ -576,26 +576,30 @@ async def test_full_queue_gives_503(tmp_path: Path) -> None:
     assert int(rejected.headers["Retry-After"]) >= 1
 
 
-async def test_full_queue_rejections_logged_once_per_interval(tmp_path: Path) -> None:
+async def test_queue_rejections_logged_once_per_code(tmp_path: Path) -> None:
     release = asyncio.Event()
     upstream = await hold_upstream(release, [])
-    async with running_proxy(tmp_path, upstream.port, max_queue_depth=1) as proxy:
+    async with running_proxy(tmp_path, upstream.port, max_queue_depth=1, queue_timeout_s=1.0) as proxy:
         async with aiohttp.ClientSession() as client:
-            waiting = [asyncio.create_task(client.get(proxy.url + proxy.path("/"))) for _ in range(2)]
-            await asyncio.sleep(0.3)
             with structlog.testing.capture_logs() as logs:
+                held = asyncio.create_task(client.get(proxy.url + proxy.path("/")))
+                queued = asyncio.create_task(client.get(proxy.url + proxy.path("/")))
+                await asyncio.sleep(0.3)
                 statuses = []
                 for _ in range(5):
                     async with client.get(proxy.url + proxy.path("/")) as rejected:
                         statuses.append(rejected.status)
+                # The queued request waits past queue_timeout_s, a second code for the same job.
+                timed_out = await queued
+                timed_out.release()
             release.set()
-            for response in await asyncio.gather(*waiting):
-                response.release()
-    failures = [entry for entry in logs if entry["event"] == "proxy_request_failed"]
+            (await held).release()
+    failures = [
+        (entry["error"], entry["not_logged_before"]) for entry in logs if entry["event"] == "proxy_request_failed"
+    ]
     assert statuses == [503] * 5
-    assert len(failures) == 1
-    assert failures[0]["error"] == "queue_full"
-    assert failures[0]["not_logged_before"] == 0
+    assert timed_out.status == 503
+    assert sorted(failures) == [("queue_full", 0), ("queue_timeout", 0)]
 
 
 async def test_queue_wait_limit_gives_503(tmp_path: Path) -> None:
