@@ -59,6 +59,8 @@ SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 PIPELINE_BUFFER_BYTES = 64 * 1024
 # An HTTP version in a request line.
 HTTP_VERSION = re.compile(rb"HTTP/\d\.\d")
+# Where aiohttp's parser messages start quoting the request: "Invalid header value char:\n\n  b'...'".
+QUOTED_BYTES = re.compile(r":\s*(?:\n|b['\"])")
 
 
 class FrontServer:
@@ -147,7 +149,7 @@ class JsonErrorHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == 400:
-            log_rejected(self._rejection_log, request.remote, message)
+            log_rejected(self._rejection_log, request.remote, _without_quoted_bytes(message))
         else:
             # aiohttp's own method logs the failure with its traceback, and raises if the response has started.
             super().handle_error(request, status, exc, message)
@@ -163,6 +165,13 @@ def log_rejected(throttle: LogThrottle, remote: str | None, detail: str | None) 
     not_logged = throttle.allow()
     if not_logged is not None:
         log.info("http_request_rejected", remote=remote, detail=detail, not_logged_before=not_logged)
+
+
+def _without_quoted_bytes(message: str | None) -> str | None:
+    """Return aiohttp's parser message without the request bytes it quotes, which may hold a token."""
+    if message is None:
+        return None
+    return QUOTED_BYTES.split(message, maxsplit=1)[0]
 
 
 def _handler_error(status: int, message: str | None) -> FloyddError:
@@ -560,6 +569,8 @@ class FrontConnection(asyncio.Protocol):
         A request line with an HTTP version other than 1.0 and 1.1 gets floydd's error instead, because
         aiohttp would serve it and repeat that version in its status line, which no client can read.
         """
+        # NOTE: only the first request that reaches aiohttp is checked. A later one on the same
+        # connection with another version is served by aiohttp as before.
         transport = self._transport
         if transport is None or transport.is_closing():
             return
