@@ -130,7 +130,10 @@ SCHEMAS: dict[str, Schema] = {
                 "type": ["integer", "null"],
                 "description": "the memory requested; null for resources.default_memory_mib",
             },
-            "cpus": {"type": ["number", "null"], "description": "the CPUs requested; null for resources.default_cpus"},
+            "cpus": {
+                "type": ["number", "null"],
+                "description": "the CPUs requested; null for resources.default_cpus, cut to the host's CPU count",
+            },
             "gpus": {"type": "integer", "description": "the number of GPUs requested"},
             "concurrency": {
                 "type": "integer",

@@ -248,8 +248,12 @@ class DockerRuntime:
     async def open(self) -> None:
         self._docker = _connect(self._settings.url)
         version = await self._call(self.docker.version(), "version")
-        info = await self._call(self.docker.system.info(), "info")
-        self.host_cpus = int(info.get("NCPU") or self.host_cpus)
+        try:
+            info = await self._call(self.docker.system.info(), "info")
+            self.host_cpus = int(info.get("NCPU") or self.host_cpus)
+        except RuntimeFailure as exc:
+            # A socket proxy may allow the calls floydd needs but not this one; this host's count is the next best.
+            log.warning("docker_info_failed", error=exc.detail, host_cpus=self.host_cpus)
         log.info(
             "docker_connected",
             version=version.get("Version"),

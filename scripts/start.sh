@@ -17,7 +17,7 @@ source scripts/lib.sh
 state_dir=${FLOYDD_SERVER_STATE_DIR:-/var/lib/floydd}
 # The token commands printed below must reach the same state directory.
 floydd_command=.venv/bin/floydd
-if [[ -n ${FLOYDD_SERVER_STATE_DIR:-} ]]; then
+if [[ $state_dir != /var/lib/floydd ]]; then
     pid_file=$state_dir/floydd.pid
     log_file=$state_dir/floydd.log
     floydd_command="FLOYDD_SERVER_STATE_DIR=$state_dir .venv/bin/floydd"
