@@ -100,6 +100,7 @@ class JobQueue:
         # Slots granted, counting waiters whose grant their task has not yet seen.
         self._busy = 0
         self._service_s = 0.0
+        self._last_service_s = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -159,10 +160,12 @@ class JobQueue:
         """Estimate in whole seconds when a rejected request could be admitted.
 
         The estimate is the time to serve the requests ahead of it, from the
-        moving average of recent service times; it is at least 1.
+        larger of the moving average of recent service times and the last
+        one, so that a slowdown shows at once; it is at least 1.
         """
         ahead = self.depth + self.in_flight
-        return max(1, math.ceil(ahead * self._service_s / self.concurrency))
+        service_s = max(self._service_s, self._last_service_s)
+        return max(1, math.ceil(ahead * service_s / self.concurrency))
 
     @property
     def pool(self) -> ConnectionPool | None:
@@ -262,6 +265,7 @@ class JobQueue:
         )
 
     def _record_service(self, service_s: float) -> None:
+        self._last_service_s = service_s
         if self._service_s == 0.0:
             self._service_s = service_s
         else:

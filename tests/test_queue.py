@@ -60,6 +60,21 @@ async def test_full_queue_rejects_with_retry_after() -> None:
     waiter.cancel()
 
 
+async def test_retry_after_follows_a_slowdown() -> None:
+    queue = JobQueue("j", max_depth=1)
+    for _ in range(20):
+        queue._record_service(0.005)
+    # The moving average is still near 0.4 s after this, and the requests ahead now take 2 s each.
+    queue._record_service(2.0)
+    waiter = asyncio.create_task(queue.slot(timeout_s=10).__aenter__())
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as caught:
+        async with queue.slot(timeout_s=10):
+            pass
+    waiter.cancel()
+    assert caught.value.headers["Retry-After"] == "2"
+
+
 async def test_queue_wait_times_out() -> None:
     queue = JobQueue("j", max_depth=10)
     with pytest.raises(QueueTimeout, match="queue_timeout_s"):
