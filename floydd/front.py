@@ -59,7 +59,7 @@ SERVER_HEADER = SERVER_SOFTWARE.encode("latin-1")
 PIPELINE_BUFFER_BYTES = 64 * 1024
 # An HTTP version in a request line.
 HTTP_VERSION = re.compile(rb"HTTP/\d\.\d")
-# Where aiohttp's parser messages start quoting the request: "Invalid header value char:\n\n  b'...'".
+# The point at which aiohttp's parser messages quote the request, as in "Invalid header value char:\n\n  b'...'".
 QUOTED_BYTES = re.compile(r":\s*(?:\n|b['\"])")
 
 

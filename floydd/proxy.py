@@ -43,7 +43,7 @@ from floydd.upstream import AppConnection, UpstreamBroken, UpstreamResponse, sen
 
 log = structlog.get_logger(__name__)
 
-# The most rejection-log throttles kept, one per job and error code.
+# The maximum number of rejection-log throttles kept, one per job and error code.
 MAX_REJECTION_LOGS = 1024
 
 HOP_BY_HOP = frozenset(

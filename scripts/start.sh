@@ -106,7 +106,7 @@ until kill -0 "$pid" 2>/dev/null && is_healthy; do
 done
 
 # floydd stores only a hash of each token, so every start creates and shows a new admin token.
-# The tokens of earlier starts stay valid, since scripts may use them, and the output says how to revoke them.
+# The tokens of earlier starts stay valid, since scripts may use them, and the output prints how to revoke them.
 token=$(.venv/bin/floydd token create admin --admin --config floydd.toml 2>/dev/null) ||
     die "cannot create an admin token; run: $floydd_command token create admin --admin --config floydd.toml"
 

@@ -315,16 +315,16 @@ async def test_dataset_name_stays_with_owner(daemon: Daemon, client: aiohttp.Cli
     bob = {"Authorization": f"Bearer {await create_token(daemon.state_dir, 'bob')}"}
     folder = folder_with(tmp_path, "d", {"n.txt": "1\n"})
     created, _ = await upload_dataset(client, daemon, "shared", folder, alice)
-    taken, taken_body = await upload_dataset(client, daemon, "shared", folder, bob)
+    other_user, other_user_body = await upload_dataset(client, daemon, "shared", folder, bob)
     async with client.delete(f"{daemon.url}/api/v1/datasets/shared/1", headers=alice) as response:
         deleted = response.status
-    still_taken, _ = await upload_dataset(client, daemon, "shared", folder, bob)
+    other_user_after_delete, _ = await upload_dataset(client, daemon, "shared", folder, bob)
     again, again_body = await upload_dataset(client, daemon, "shared", folder, alice)
 
     assert created == 201
-    assert taken == 409
-    assert taken_body["error"] == "dataset_name_taken"
+    assert other_user == 409
+    assert other_user_body["error"] == "dataset_name_taken"
     assert deleted == 200
-    assert still_taken == 409
+    assert other_user_after_delete == 409
     assert again == 201
     assert again_body["version"] == 2

@@ -20,7 +20,7 @@ def unpacked(store: DatasetStore, text: str) -> Path:
 
 async def test_name_from_older_store_stays_with_owner(tmp_path: Path) -> None:
     store = DatasetStore(tmp_path / "datasets")
-    # The layout before names recorded their owner: only the version knows it.
+    # The layout before names recorded their owner: only the version records it.
     version = tmp_path / "datasets" / "shared" / "1"
     (version / "data").mkdir(parents=True)
     (version / "dataset.json").write_text(

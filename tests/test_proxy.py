@@ -582,7 +582,7 @@ async def test_queue_rejections_logged_once_per_code(tmp_path: Path) -> None:
     async with running_proxy(tmp_path, upstream.port, max_queue_depth=1, queue_timeout_s=1.0) as proxy:
         async with aiohttp.ClientSession() as client:
             with structlog.testing.capture_logs() as logs:
-                held = asyncio.create_task(client.get(proxy.url + proxy.path("/")))
+                in_flight = asyncio.create_task(client.get(proxy.url + proxy.path("/")))
                 queued = asyncio.create_task(client.get(proxy.url + proxy.path("/")))
                 await asyncio.sleep(0.3)
                 statuses = []
@@ -593,7 +593,7 @@ async def test_queue_rejections_logged_once_per_code(tmp_path: Path) -> None:
                 timed_out = await queued
                 timed_out.release()
             release.set()
-            (await held).release()
+            (await in_flight).release()
     failures = [
         (entry["error"], entry["not_logged_before"]) for entry in logs if entry["event"] == "proxy_request_failed"
     ]

@@ -8,6 +8,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiodocker
 import aiohttp
@@ -61,6 +62,15 @@ async def container_id(job_id: str) -> str:
     async with aiodocker.Docker() as docker:
         info = await docker.containers.container(f"floydd-{job_id}").show()
     return str(info["Id"])
+
+
+async def serving_job_then_sigkill(daemons: Daemons, client: aiohttp.ClientSession) -> tuple[Daemon, dict[str, Any]]:
+    """Start a daemon with a serving echo job, then SIGKILL the daemon; return the daemon and the job."""
+    first = await daemons.start()
+    job = await submit_ok(client, first, APPS / "echo", mode="serve")
+    await wait_for_state(client, first, job["id"], {"serving"})
+    await daemons.kill()
+    return first, job
 
 
 async def echo(client: aiohttp.ClientSession, endpoint: str, path: str) -> dict[str, object]:
@@ -167,10 +177,7 @@ async def test_removed_container_fails_job(daemons: Daemons, client: aiohttp.Cli
 
 
 async def test_vanished_while_down_fails_job(daemons: Daemons, client: aiohttp.ClientSession) -> None:
-    first = await daemons.start()
-    job = await submit_ok(client, first, APPS / "echo", mode="serve")
-    await wait_for_state(client, first, job["id"], {"serving"})
-    await daemons.kill()
+    first, job = await serving_job_then_sigkill(daemons, client)
     async with aiodocker.Docker() as docker:
         await docker.containers.container(f"floydd-{job['id']}").delete(force=True)
 
@@ -367,10 +374,7 @@ async def test_exit_while_down_is_recorded(daemons: Daemons, client: aiohttp.Cli
 
 
 async def test_serve_exit_while_down_gets_no_requests(daemons: Daemons, client: aiohttp.ClientSession) -> None:
-    first = await daemons.start()
-    job = await submit_ok(client, first, APPS / "echo", mode="serve")
-    await wait_for_state(client, first, job["id"], {"serving"})
-    await daemons.kill()
+    first, job = await serving_job_then_sigkill(daemons, client)
     async with aiodocker.Docker() as docker:
         await docker.containers.container(f"floydd-{job['id']}").kill()
 
