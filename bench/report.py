@@ -278,9 +278,10 @@ def _render_path_cpu(summaries: list[Summary], by_key: dict[tuple[int, str], Sum
             f"| {_fmt(summary.median('docker_proxy_cpu_us_per_request'), 0)} | {_fmt(_path_cpu_us(summary), 0)} |"
         )
     lines.append("")
-    floydd, haproxy = by_key.get((1, "floydd")), by_key.get((1, "HAProxy"))
-    if floydd is not None and haproxy is not None:
-        lines += [*_app_side_difference(floydd, haproxy), ""]
+    for connections in sorted({connections for connections, _ in by_key}):
+        floydd, haproxy = by_key.get((connections, "floydd")), by_key.get((connections, "HAProxy"))
+        if floydd is not None and haproxy is not None:
+            lines += [*_app_side_difference(floydd, haproxy), ""]
     return lines
 
 
@@ -339,18 +340,19 @@ def _connecting_ahead(bare: Summary, plain: Summary) -> list[str]:
 
 
 def _app_side_difference(floydd: Summary, haproxy: Summary) -> list[str]:
-    """Compare at one client what the proxy, the app and docker-proxy spend behind floydd and behind HAProxy."""
+    """Compare what the proxy, the app and docker-proxy spend per request behind floydd and behind HAProxy."""
     proxy = floydd.median("proxy_cpu_us_per_request") - haproxy.median("proxy_cpu_us_per_request")
     app = floydd.median("app_cpu_us_per_request") - haproxy.median("app_cpu_us_per_request")
     docker_proxy = floydd.median("docker_proxy_cpu_us_per_request") - haproxy.median("docker_proxy_cpu_us_per_request")
     parts = [f"The proxy spent {_more_or_less(proxy)}", f"the app {_more_or_less(app)}"]
     if _known(docker_proxy):
         parts.append(f"docker-proxy {_more_or_less(docker_proxy)}")
+    clients = "one client" if floydd.connections == 1 else f"{floydd.connections} clients"
     lines = [
-        f"At one client the measured processes spent {_more_or_less(_path_cpu_us(floydd) - _path_cpu_us(haproxy))} "
+        f"At {clients} the measured processes spent {_more_or_less(_path_cpu_us(floydd) - _path_cpu_us(haproxy))} "
         f"CPU per request through floydd than through HAProxy. {', '.join(parts[:-1])} and {parts[-1]}."
     ]
-    if app > 0:
+    if app > 0 and floydd.connections == 1:
         # The harness measures CPU, not the switches between the app's threads, so the page calls the cause likely.
         lines.append(
             "The likely cause of the app's extra CPU is how the connection reaches it. HAProxy connects "

@@ -481,7 +481,9 @@ class FrontConnection(asyncio.Protocol):
             self._fail_internal(request)
             return
         finally:
-            self._task = None
+            # A lane started from the queue's grant may have handed its request to a new task by now.
+            if self._task is asyncio.current_task(self._loop):
+                self._task = None
         self._request_done(request)
 
     def lane_handed_over(self, request: FastRequest, lane: _Lane) -> None:
@@ -693,7 +695,18 @@ async def serve_fast(
             # Built before the request waits, so that its turn starts with the write to the app.
             outgoing = _outgoing(client, request, request_id)
             headers, target = outgoing.headers, outgoing.target
-            admission = await queue.admit(proxy.settings.queue_timeout_s)
+
+            def on_grant(granted: Admission) -> bool:
+                if not client.continue_in_lane(request, queue, granted, outgoing):
+                    return False
+                server.metrics.admitted(job_id, granted.queued_s)
+                return True
+
+            slot = await queue.admit_or_hand_over(proxy.settings.queue_timeout_s, on_grant)
+            if slot is None:
+                # A lane took the slot when it was granted, and serves the request now.
+                return True
+            admission = slot
             server.metrics.admitted(job_id, admission.queued_s)
             if client.continue_in_lane(request, queue, admission, outgoing):
                 return True
@@ -918,11 +931,13 @@ class _Lane:
         else:
             response = b"".join([self.head, *message.body])
             message.body = []
-        # Raises ConnectionResetError if the client has gone, which cancels the lane.
-        self.client.write(response)
         self._detach()
         self.admission.pool.finish(self.connection, message)
+        # The slot goes to the next request before this response goes out, so that at full load
+        # the app gets its next request without waiting for the write to the client.
         self.queue.release(self.admission)
+        # Raises ConnectionResetError if the client has gone. The lane has ended, so nothing is left to undo.
+        self.client.write(response)
         metrics = self.server.metrics
         job_id = self.request.job_id
         metrics.app_started(job_id, message.head_at - self.sent_at)

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import NamedTuple
 
 from floydd.errors import FloyddError, QueueFull, QueueTimeout
 from floydd.upstream import ConnectionPool, Upstream
@@ -78,6 +79,17 @@ class Admission:
             self._on_end()
 
 
+# Takes a slot granted to a waiting request and returns True if it now serves the request with it.
+GrantHook = Callable[["Admission"], bool]
+
+
+class _Waiter(NamedTuple):
+    """A waiting request: when it started to wait, and who takes its slot when one is granted."""
+
+    started: float
+    on_grant: GrantHook | None
+
+
 class JobQueue:
     def __init__(
         self, job_id: str, *, concurrency: int = 1, max_depth: int = 10, preconnect: bool = True, public: bool = False
@@ -90,7 +102,10 @@ class JobQueue:
         self.max_depth = max_depth
         # An OrderedDict, not a deque: a waiter that times out or whose client
         # leaves is removed in O(1), which matters with thousands waiting.
-        self._waiters: collections.OrderedDict[asyncio.Future[ConnectionPool], None] = collections.OrderedDict()
+        # A waiter's future gets the pool when its slot is granted, or None when its on_grant hook took the slot.
+        self._waiters: collections.OrderedDict[asyncio.Future[ConnectionPool | None], _Waiter] = (
+            collections.OrderedDict()
+        )
         self._admitted: set[Admission] = set()
         self._pool: ConnectionPool | None = None
         self._opened = asyncio.Event()
@@ -192,10 +207,25 @@ class JobQueue:
 
     async def admit(self, timeout_s: float) -> Admission:
         """Wait for this request's turn and take a slot, which `release()` gives back."""
+        admission = await self.admit_or_hand_over(timeout_s, None)
+        assert admission is not None, "no on_grant hook to take the slot"
+        return admission
+
+    async def admit_or_hand_over(self, timeout_s: float, on_grant: GrantHook | None) -> Admission | None:
+        """Wait like `admit()`, but offer a slot granted after a wait to `on_grant` first. Return None if it took it.
+
+        The hook runs inside the `release()` that freed the slot, so the
+        next request can reach the app before this coroutine resumes, which
+        at full load keeps the app waiting less (docs/proxy.md). The hook
+        must not raise. If it returns True it owns the admission and
+        releases it; if it returns False, this coroutine takes the slot.
+        """
         if self.can_admit_now():
             return self.admit_now()
         started = time.monotonic()
-        pool = await self._acquire(timeout_s)
+        pool = await self._acquire(timeout_s, _Waiter(started, on_grant))
+        if pool is None:
+            return None
         if self._closed is not None:
             # The job ended after the slot was granted and before this task ran again, so close()
             # could not mark this request as ended. Give the slot back and raise the error close() gives waiters.
@@ -219,7 +249,7 @@ class JobQueue:
         finally:
             self.release(admission)
 
-    async def _acquire(self, timeout_s: float) -> ConnectionPool:
+    async def _acquire(self, timeout_s: float, entry: _Waiter) -> ConnectionPool | None:
         if self._closed is not None:
             raise self._closed
         if len(self._waiters) >= self.max_depth:
@@ -230,8 +260,8 @@ class JobQueue:
                 headers={"Retry-After": str(self.retry_after_s())},
             )
         loop = self._running_loop()
-        waiter: asyncio.Future[ConnectionPool] = loop.create_future()
-        self._waiters[waiter] = None
+        waiter: asyncio.Future[ConnectionPool | None] = loop.create_future()
+        self._waiters[waiter] = entry
         # The timer sets QueueTimeout on the waiter instead of cancelling the task, so whichever of
         # the grant, the job's end and the timeout comes first decides the outcome. With
         # asyncio.timeout(), a grant in the same loop pass became a 503 with the slot still busy.
@@ -239,15 +269,16 @@ class JobQueue:
         try:
             return await waiter
         except asyncio.CancelledError:
-            # The client left. If the slot was granted in the same instant, hand it on.
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+            # The client left. If the slot was granted to this task in the same instant, hand it on.
+            # A slot that the hook took is the hook's to release.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None and waiter.result() is not None:
                 self._release()
             raise
         finally:
             timer.cancel()
             self._waiters.pop(waiter, None)
 
-    def _expire(self, waiter: asyncio.Future[ConnectionPool], timeout_s: float) -> None:
+    def _expire(self, waiter: asyncio.Future[ConnectionPool | None], timeout_s: float) -> None:
         if not waiter.done():
             waiter.set_exception(self._queue_timeout(timeout_s))
 
@@ -279,11 +310,24 @@ class JobQueue:
         if self._closed is not None or self._pool is None or self._held:
             return
         while self._waiters and self._busy < self.concurrency:
-            waiter, _ = self._waiters.popitem(last=False)
+            waiter, entry = self._waiters.popitem(last=False)
             if waiter.done():
                 continue
             self._busy += 1
-            waiter.set_result(self._pool)
+            if entry.on_grant is not None and self._hand_over(entry.on_grant, entry.started):
+                waiter.set_result(None)
+            else:
+                waiter.set_result(self._pool)
+
+    def _hand_over(self, on_grant: GrantHook, started: float) -> bool:
+        """Offer a granted slot to a waiter's hook; return whether the hook took it."""
+        assert self._pool is not None
+        admission = Admission(self._pool, time.monotonic() - started)
+        self._admitted.add(admission)
+        if on_grant(admission):
+            return True
+        self._admitted.discard(admission)
+        return False
 
 
 class QueueRegistry:

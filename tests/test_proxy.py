@@ -24,9 +24,11 @@ from aiohttp import web
 from floydd import upstream as upstream_module
 from floydd.config import ServerSettings
 from floydd.errors import JobNotServing
+from floydd.front import FrontConnection
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, Relay
 from floydd.queue import Admission
+from floydd.upstream import AppConnection
 from tests.proxy_harness import (
     Handler,
     ProxyUnderTest,
@@ -905,6 +907,35 @@ async def test_queued_request_continues_in_lane(tmp_path: Path, monkeypatch: pyt
     # No request went through the task's exchange, and all three shared the app's one keep-alive connection.
     assert exchanges == []
     assert upstream.connections == 1
+
+
+async def test_queued_request_sent_before_response(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The response that frees the slot goes to its client after the queued request has gone to the app."""
+    events: list[str] = []
+    app_write, client_write = AppConnection.write, FrontConnection.write
+
+    def record_app_write(connection: AppConnection, data: bytes) -> None:
+        events.append("app " + data.split(b" ")[1].rsplit(b"/", 1)[1].decode())
+        app_write(connection, data)
+
+    def record_client_write(connection: FrontConnection, data: bytes) -> None:
+        events.append("client " + data[-4:].decode())
+        client_write(connection, data)
+
+    monkeypatch.setattr(AppConnection, "write", record_app_write)
+    monkeypatch.setattr(FrontConnection, "write", record_client_write)
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        events.clear()
+        first = asyncio.create_task(raw_exchange(proxy.url, split_request(proxy)))
+        await asyncio.sleep(0.05)
+        async with client.get(proxy.url + proxy.path("/warm")) as queued:
+            body = await queued.read()
+        await first
+    assert body == b"warm"
+    assert events == ["app split", "app warm", "client late", "client warm"]
 
 
 def split_request(proxy: ProxyUnderTest) -> bytes:

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from floydd.errors import JobNotServing, QueueFull, QueueTimeout
-from floydd.queue import Admission, JobQueue, Upstream
+from floydd.queue import Admission, GrantHook, JobQueue, Upstream
 
 UPSTREAM = Upstream("127.0.0.1", 5000)
 
@@ -85,7 +85,7 @@ async def test_queue_wait_times_out() -> None:
 
 async def test_close_answers_waiters_at_once() -> None:
     queue = JobQueue("j", max_depth=10)
-    waiters = [asyncio.create_task(queue._acquire(timeout_s=10)) for _ in range(3)]
+    waiters = [asyncio.create_task(queue.admit(timeout_s=10)) for _ in range(3)]
     await asyncio.sleep(0)
     queue.close(JobNotServing("job j is stopped, not serving", state="stopped"))
     results = await asyncio.gather(*waiters, return_exceptions=True)
@@ -170,4 +170,69 @@ async def test_close_after_grant_rejects_waiter() -> None:
     queue.close(JobNotServing("job j is stopped, not serving", state="stopped"))
     (outcome,) = await asyncio.gather(waiter, return_exceptions=True)
     assert isinstance(outcome, JobNotServing)
+    assert queue.in_flight == 0
+
+
+def recording_hook(offered: list[Admission], *, take: bool) -> GrantHook:
+    """Return an on_grant hook that records each admission offered to it and takes it if `take`."""
+
+    def hook(admission: Admission) -> bool:
+        offered.append(admission)
+        return take
+
+    return hook
+
+
+async def waiter_behind_one(on_grant: GrantHook) -> tuple[JobQueue, Admission, asyncio.Task[Admission | None]]:
+    """Return an open queue, the admission of the request in flight, and a waiter with `on_grant` behind it."""
+    queue = JobQueue("j", max_depth=10)
+    queue.open(UPSTREAM)
+    first = await queue.admit(timeout_s=10)
+    waiter = asyncio.create_task(queue.admit_or_hand_over(10, on_grant))
+    await asyncio.sleep(0)
+    return queue, first, waiter
+
+
+async def test_granted_slot_goes_to_hook_at_once() -> None:
+    """A slot freed by release() reaches the next waiter's hook inside that call, before the waiter resumes."""
+    hooked: list[Admission] = []
+    queue, first, waiter = await waiter_behind_one(recording_hook(hooked, take=True))
+    queue.release(first)
+    assert len(hooked) == 1
+    assert not waiter.done()
+    assert await waiter is None
+    # The hook owns the slot until it releases it.
+    assert queue.in_flight == 1
+    queue.release(hooked[0])
+    assert queue.in_flight == 0
+
+
+async def test_declined_slot_goes_to_waiter() -> None:
+    offered: list[Admission] = []
+    queue, first, waiter = await waiter_behind_one(recording_hook(offered, take=False))
+    await asyncio.sleep(0.01)
+    queue.release(first)
+    admission = await waiter
+    assert len(offered) == 1
+    assert isinstance(admission, Admission)
+    assert admission.queued_s >= 0.01
+    assert queue.in_flight == 1
+    queue.release(admission)
+    assert queue.in_flight == 0
+
+
+async def test_cancel_after_hand_over_keeps_slot() -> None:
+    """A client that leaves after its hook took the slot does not release the slot a second time."""
+    hooked: list[Admission] = []
+    queue, first, waiter = await waiter_behind_one(recording_hook(hooked, take=True))
+    third = asyncio.create_task(queue.admit(timeout_s=10))
+    await asyncio.sleep(0)
+    queue.release(first)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    # The hook's request is still in flight, so the third waits.
+    assert queue.in_flight == 1
+    assert not third.done()
+    queue.release(hooked[0])
+    queue.release(await third)
     assert queue.in_flight == 0
