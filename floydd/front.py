@@ -402,13 +402,17 @@ class FrontConnection(asyncio.Protocol):
         """Serve a request admitted after a wait from callbacks if a connection is ready, and return whether it did.
 
         A connection that is closing keeps the request in its task, which is what shutdown waits for.
-        The job has not ended: JobQueue.admit() raises instead of admitting a request of an ended job.
+        So does a client that has gone: its task, cancelled by connection_lost, passes the slot on
+        without sending the request to the app. The job has not ended: JobQueue.admit() raises
+        instead of admitting a request of an ended job.
         """
-        if self.closing:
+        if self.closing or self._transport is None or self._transport.is_closing():
             return False
         connection = admission.pool.take(POOL_IDLE_TIMEOUT_S)
         if connection is None:
             return False
+        # The waiting task has nothing left to do, and the lane may end before that task runs again.
+        self._task = None
         self._run_lane(_Lane(self._server, self, request, queue, admission, connection, outgoing), waited=True)
         return True
 
@@ -707,9 +711,13 @@ async def serve_fast(
                 # A lane took the slot when it was granted, and serves the request now.
                 return True
             admission = slot
-            server.metrics.admitted(job_id, admission.queued_s)
-            if client.continue_in_lane(request, queue, admission, outgoing):
-                return True
+            try:
+                server.metrics.admitted(job_id, admission.queued_s)
+                if client.continue_in_lane(request, queue, admission, outgoing):
+                    return True
+            except BaseException:
+                queue.release(admission)
+                raise
             sent, sent_at = None, None
         else:
             lane.task_started = True

@@ -17,10 +17,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import NamedTuple
 
+import structlog
+
 from floydd.errors import FloyddError, QueueFull, QueueTimeout
 from floydd.upstream import ConnectionPool, Upstream
 
-__all__ = ["Admission", "JobQueue", "QueueRegistry", "Upstream", "default_queue_depth"]
+__all__ = ["Admission", "GrantHook", "JobQueue", "QueueRegistry", "Upstream", "default_queue_depth"]
+
+log = structlog.get_logger(__name__)
 
 # Weight of the newest service time in the moving average behind Retry-After.
 SERVICE_TIME_WEIGHT = 0.2
@@ -216,9 +220,9 @@ class JobQueue:
 
         The hook runs inside the `release()` that freed the slot, so the
         next request can reach the app before this coroutine resumes, which
-        at full load keeps the app waiting less (docs/proxy.md). The hook
-        must not raise. If it returns True it owns the admission and
-        releases it; if it returns False, this coroutine takes the slot.
+        at full load keeps the app waiting less (docs/proxy.md). If the hook
+        returns True it owns the admission and releases it. If it returns
+        False or raises, this coroutine takes the slot.
         """
         if self.can_admit_now():
             return self.admit_now()
@@ -324,8 +328,12 @@ class JobQueue:
         assert self._pool is not None
         admission = Admission(self._pool, time.monotonic() - started)
         self._admitted.add(admission)
-        if on_grant(admission):
-            return True
+        try:
+            if on_grant(admission):
+                return True
+        except Exception:
+            # The error must not reach the request whose release() runs this. The waiter takes the slot instead.
+            log.exception("queue_grant_hook_failed", job_id=self.job_id)
         self._admitted.discard(admission)
         return False
 

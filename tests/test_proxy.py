@@ -13,6 +13,7 @@ import gc
 import json
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from floydd.errors import JobNotServing
 from floydd.front import FrontConnection
 from floydd.metrics import ProxyMetrics
 from floydd.proxy import Proxy, Relay
-from floydd.queue import Admission
+from floydd.queue import Admission, JobQueue
 from floydd.upstream import AppConnection
 from tests.proxy_harness import (
     Handler,
@@ -912,17 +913,13 @@ async def test_queued_request_continues_in_lane(tmp_path: Path, monkeypatch: pyt
 async def test_queued_request_sent_before_response(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The response that frees the slot goes to its client after the queued request has gone to the app."""
     events: list[str] = []
-    app_write, client_write = AppConnection.write, FrontConnection.write
-
-    def record_app_write(connection: AppConnection, data: bytes) -> None:
-        events.append("app " + data.split(b" ")[1].rsplit(b"/", 1)[1].decode())
-        app_write(connection, data)
+    record_app_writes(monkeypatch, lambda head: events.append("app " + head.split(b" ")[1].rsplit(b"/", 1)[1].decode()))
+    client_write = FrontConnection.write
 
     def record_client_write(connection: FrontConnection, data: bytes) -> None:
         events.append("client " + data[-4:].decode())
         client_write(connection, data)
 
-    monkeypatch.setattr(AppConnection, "write", record_app_write)
     monkeypatch.setattr(FrontConnection, "write", record_client_write)
     upstream = await raw_upstream(scripted_keepalive_app)
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
@@ -936,6 +933,76 @@ async def test_queued_request_sent_before_response(tmp_path: Path, monkeypatch: 
         await first
     assert body == b"warm"
     assert events == ["app split", "app warm", "client late", "client warm"]
+
+
+async def test_gone_client_request_not_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiting client that has closed its connection when its turn comes gets nothing sent to the app."""
+    release = JobQueue.release
+
+    def close_waiting_clients_then_release(queue: JobQueue, admission: Admission) -> None:
+        # The client's close has reached the transport, and connection_lost has not run yet.
+        for connection in list(proxy.front.connections):
+            if connection._task is not None:  # noqa: SLF001
+                connection.abort()
+        release(queue, admission)
+
+    sent: list[bytes] = []
+    record_app_writes(monkeypatch, sent.append)
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        first = asyncio.create_task(raw_exchange(proxy.url, split_request(proxy)))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(
+            raw_exchange(proxy.url, f"GET {proxy.path('/gone')} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        )
+        await asyncio.sleep(0.05)
+        monkeypatch.setattr(JobQueue, "release", close_waiting_clients_then_release)
+        raw = await first
+        gone_response = await waiting
+        monkeypatch.setattr(JobQueue, "release", release)
+        async with client.get(proxy.url + proxy.path("/warm")) as after:
+            body = await after.read()
+        in_flight = proxy.queue.in_flight
+    assert raw.endswith(b"\r\n\r\nlate")
+    assert gone_response == b""
+    assert [head for head in sent if b"/gone" in head] == []
+    assert body == b"warm"
+    assert in_flight == 0
+    assert upstream.connections == 1
+
+
+async def test_lane_crash_after_wait_frees_slot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued request whose move to a lane fails gets a 500, and its slot goes back to the queue."""
+
+    def failing_continue_in_lane(connection: FrontConnection, *args: Any) -> bool:
+        raise RuntimeError("injected fault")
+
+    upstream = await raw_upstream(scripted_keepalive_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + proxy.path("/warm")) as warm:
+            await warm.read()
+        monkeypatch.setattr(FrontConnection, "continue_in_lane", failing_continue_in_lane)
+        first = asyncio.create_task(raw_exchange(proxy.url, split_request(proxy)))
+        await asyncio.sleep(0.05)
+        async with client.get(proxy.url + proxy.path("/warm")) as queued:
+            await queued.read()
+        await first
+        in_flight = proxy.queue.in_flight
+    assert queued.status == 500
+    assert in_flight == 0
+
+
+def record_app_writes(monkeypatch: pytest.MonkeyPatch, record: Callable[[bytes], object]) -> None:
+    """Pass every request head that floydd's lanes write to the app to `record`."""
+    app_write = AppConnection.write
+
+    def recording_write(connection: AppConnection, data: bytes) -> None:
+        record(data)
+        app_write(connection, data)
+
+    monkeypatch.setattr(AppConnection, "write", recording_write)
 
 
 def split_request(proxy: ProxyUnderTest) -> bytes:

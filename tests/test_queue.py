@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import structlog.testing
 
 from floydd.errors import JobNotServing, QueueFull, QueueTimeout
 from floydd.queue import Admission, GrantHook, JobQueue, Upstream
@@ -217,6 +218,23 @@ async def test_declined_slot_goes_to_waiter() -> None:
     assert isinstance(admission, Admission)
     assert admission.queued_s >= 0.01
     assert queue.in_flight == 1
+    queue.release(admission)
+    assert queue.in_flight == 0
+
+
+async def test_failing_hook_leaves_slot_to_waiter() -> None:
+    """A hook that raises costs the request that freed the slot nothing, and the waiter gets the slot."""
+
+    def fail(admission: Admission) -> bool:
+        raise RuntimeError("injected fault")
+
+    queue, first, waiter = await waiter_behind_one(fail)
+    with structlog.testing.capture_logs() as logs:
+        queue.release(first)
+    admission = await waiter
+    assert isinstance(admission, Admission)
+    assert queue.in_flight == 1
+    assert [entry["event"] for entry in logs] == ["queue_grant_hook_failed"]
     queue.release(admission)
     assert queue.in_flight == 0
 
