@@ -406,6 +406,8 @@ def _render_targets(by_key: dict[tuple[int, str], Summary]) -> list[str]:
     floydd = by_key.get((1, "floydd"))
     if haproxy is not None and floydd is not None:
         lines += ["", _one_client_gap(floydd, haproxy)]
+        if bare is not None:
+            lines.append(_bare_proxy_gap(floydd, haproxy, bare))
     lines.append("")
     return lines
 
@@ -432,6 +434,25 @@ def _one_client_gap(floydd: Summary, haproxy: Summary) -> str:
         "HAProxy did. With one client nothing else is in flight, so floydd's work on a request either "
         "delays it or runs beside the app, docker-proxy and wrk on the machine's other CPU."
     )
+
+
+def _bare_proxy_gap(floydd: Summary, haproxy: Summary, bare: Summary) -> str:
+    """Place floydd between HAProxy and the bare proxy at one client, by requests/s and proxy CPU per request."""
+    bare_to_haproxy = bare.median("requests_per_s") / haproxy.median("requests_per_s")
+    floydd_to_bare = floydd.median("requests_per_s") / bare.median("requests_per_s")
+    bare_cpu_us = bare.median("proxy_cpu_us_per_request") - haproxy.median("proxy_cpu_us_per_request")
+    floydd_cpu_us = floydd.median("proxy_cpu_us_per_request") - bare.median("proxy_cpu_us_per_request")
+    sentence = (
+        f"The bare proxy, which only relays, reached {bare_to_haproxy:.3f} of HAProxy's requests/s "
+        f"and spent {_more_or_less(bare_cpu_us)} CPU per request than HAProxy. floydd reached "
+        f"{floydd_to_bare:.3f} of the bare proxy's requests/s and spent {_more_or_less(floydd_cpu_us)}."
+    )
+    if bare_to_haproxy >= 1 > floydd_to_bare * bare_to_haproxy:
+        sentence += (
+            " So a proxy in Python can keep up with HAProxy on this machine, and what keeps floydd behind is "
+            "the per-request work of its features (see what one proxied request costs in Python, below)."
+        )
+    return sentence
 
 
 def _path_row(summary: Summary) -> str:
