@@ -939,18 +939,28 @@ class _Lane:
         else:
             response = b"".join([self.head, *message.body])
             message.body = []
-        self._detach()
-        self.admission.pool.finish(self.connection, message)
-        # The slot goes to the next request before this response goes out, so that at full load
-        # the app gets its next request without waiting for the write to the client.
-        self.queue.release(self.admission)
-        # Raises ConnectionResetError if the client has gone. The lane has ended, so nothing is left to undo.
-        self.client.write(response)
+        if self.queue.depth:
+            # A request waits, so the slot goes to it before this response goes out, and the app gets
+            # its next request without waiting for the write to the client. A client that has gone
+            # makes the write raise ConnectionResetError, and the lane has ended, so nothing is left to undo.
+            self._end_exchange()
+            self.client.write(response)
+        else:
+            # Nothing waits, so the response goes out first. A write that raises ConnectionResetError
+            # cancels the lane, which frees the slot and the connection.
+            self.client.write(response)
+            self._end_exchange()
         metrics = self.server.metrics
         job_id = self.request.job_id
         metrics.app_started(job_id, message.head_at - self.sent_at)
         metrics.answered(job_id, message.status)
         self.client.lane_done(self)
+
+    def _end_exchange(self) -> None:
+        """Give the app connection back to the pool, or close it, and release the slot."""
+        self._detach()
+        self.admission.pool.finish(self.connection, self.message)
+        self.queue.release(self.admission)
 
     def _hand_over(self) -> None:
         self._detach()
