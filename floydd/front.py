@@ -858,15 +858,19 @@ class _Lane:
     def release_if_task_never_ran(self, task: asyncio.Task[None]) -> None:
         """Give back the slot and the connection of a hand-over whose task never ran serve_fast."""
         if not self.task_started:
-            self.connection.abort()
-            self.queue.release(self.admission)
+            self._abandon()
 
     def cancel(self) -> None:
         """Break off the exchange because the client left or the lane failed."""
         if self.ended:
             return
         self._detach()
-        self.connection.abort()
+        self._abandon()
+
+    def _abandon(self) -> None:
+        """Release the slot, which stays busy while the app may still work on the request (ConnectionPool.abandon)."""
+        deadline = self.sent_at + self.server.proxy.settings.response_timeout_s
+        self.admission.pool.abandon(self.connection, deadline)
         self.queue.release(self.admission)
 
     def _on_app_event(self) -> None:

@@ -129,7 +129,11 @@ class JobQueue:
 
     @property
     def in_flight(self) -> int:
-        return self._busy
+        """Requests holding a slot, counting those whose client has gone while the app still works on them."""
+        return self._busy + self._abandoned()
+
+    def _abandoned(self) -> int:
+        return self._pool.abandoned if self._pool is not None else 0
 
     @property
     def is_open(self) -> bool:
@@ -143,6 +147,7 @@ class JobQueue:
     def open(self, upstream: Upstream) -> None:
         """Let requests through to `upstream`, in arrival order."""
         self._pool = ConnectionPool(upstream, preconnect=self._preconnect)
+        self._pool.on_app_free = self._admit
         self._opened.set()
         self._admit()
 
@@ -197,7 +202,7 @@ class JobQueue:
             self._closed is None
             and self._pool is not None
             and not self._held
-            and self._busy < self.concurrency
+            and self._busy + self._pool.abandoned < self.concurrency
             and not self._waiters
         )
 
@@ -313,7 +318,7 @@ class JobQueue:
     def _admit(self) -> None:
         if self._closed is not None or self._pool is None or self._held:
             return
-        while self._waiters and self._busy < self.concurrency:
+        while self._waiters and self._busy + self._pool.abandoned < self.concurrency:
             waiter, entry = self._waiters.popitem(last=False)
             if waiter.done():
                 continue

@@ -378,6 +378,11 @@ class ConnectionPool:
         self._spare_waiter: asyncio.Future[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Connections whose client has gone while the app still works on their request (abandon()), with the
+        # timer that gives up on each. The queue counts them as busy.
+        self._abandoned: dict[AppConnection, asyncio.TimerHandle] = {}
+        # Called when an abandoned request ends, so that the queue can admit the next one.
+        self.on_app_free: Callable[[], None] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -489,9 +494,46 @@ class ConnectionPool:
         connecting.cancel()
         return True
 
+    @property
+    def abandoned(self) -> int:
+        """Requests whose client has gone and which the app may still be working on."""
+        return len(self._abandoned)
+
+    def abandon(self, connection: AppConnection, deadline: float) -> None:
+        """Close the connection of a request whose client has gone, once the app is done with the request.
+
+        A WSGI app such as Flask goes on with a request after its client has
+        gone, and notices only when it writes the response. A request sent
+        in its place meanwhile would run beside it. So the request counts as
+        busy (`abandoned`) until the first byte of its response arrives, the
+        app closes the connection, or `deadline` (time.monotonic()) passes.
+        The connection is then closed, which ends whatever response follows.
+        """
+        delay = deadline - time.monotonic()
+        if self._closed or connection.received or not connection.is_usable() or delay <= 0:
+            connection.abort()
+            return
+        connection.listener = lambda: self._end_abandoned(connection)
+        self._abandoned[connection] = self.loop.call_later(delay, self._end_abandoned, connection)
+
+    def _end_abandoned(self, connection: AppConnection) -> None:
+        timer = self._abandoned.pop(connection, None)
+        if timer is None:
+            return
+        timer.cancel()
+        connection.listener = None
+        connection.abort()
+        if self.on_app_free is not None:
+            self.on_app_free()
+
     def close(self) -> None:
         """Close the idle connections; connections in use close when their exchange ends."""
         self._closed = True
+        abandoned, self._abandoned = self._abandoned, {}
+        for connection, timer in abandoned.items():
+            timer.cancel()
+            connection.listener = None
+            connection.abort()
         self._spare_settled()
         if self._connecting is not None:
             self._connecting.cancel()
@@ -696,16 +738,22 @@ async def _exchange(
     content_length: int | None,
     response_timeout_s: float,
     sent_at: float | None = None,
+    *,
+    holds_slot: bool = True,
 ) -> UpstreamResponse:
     """Send the request on `connection` and wait for the response head.
 
     With `sent_at`, the caller has already begun the exchange and written
-    `head` at that time, and the response timeout counts from then.
+    `head` at that time, and the response timeout counts from then. If the
+    wait is cancelled after the whole request was sent, a request that
+    `holds_slot` in the job's queue stays busy while the app may still work
+    on it (ConnectionPool.abandon).
     """
     chunked = body is not None and content_length is None
     sender: asyncio.Task[bool] | None = None
     message = connection.begin() if sent_at is None else connection.message
     assert message is not None, "sent_at given for a connection with no exchange begun"
+    deadline = 0.0
     try:
         if sent_at is None:
             connection.write(head)
@@ -716,8 +764,16 @@ async def _exchange(
             # may answer (413, 400) before it has read the whole body.
             sender = asyncio.create_task(_send_body(connection, body, chunked=chunked))
         await _read_head(connection, message, sender, response_timeout_s, deadline)
+    except asyncio.CancelledError:
+        # The client has gone, or a limit or the job's end broke off the exchange.
+        if await _body_sent(sender) and holds_slot:
+            pool.abandon(connection, deadline)
+        else:
+            connection.abort()
+        raise
     except BaseException:
-        await _abandon(connection, sender)
+        await _body_sent(sender)
+        connection.abort()
         raise
     bodyless = method == "HEAD" or message.status in (204, 304) or message.upgrade
     return UpstreamResponse(message, connection, pool, sender, bodyless)
@@ -797,12 +853,16 @@ def _closed_before_head(connection: AppConnection) -> BadGateway:
     return BadGateway("the app closed the connection in the middle of the response head")
 
 
-async def _abandon(connection: AppConnection, sender: asyncio.Task[bool] | None) -> None:
-    if sender is not None and not sender.done():
+async def _body_sent(sender: asyncio.Task[bool] | None) -> bool:
+    """Stop sending the request body if that is still going on; return whether all of it was sent."""
+    if sender is None:
+        return True
+    if not sender.done():
         sender.cancel()
         with contextlib.suppress(BaseException):
             await sender
-    connection.abort()
+        return False
+    return not sender.cancelled() and sender.exception() is None and sender.result()
 
 
 async def send_upgrade(
@@ -811,4 +871,5 @@ async def send_upgrade(
     """Send a GET with `Upgrade` on a new connection, which is never pooled afterwards."""
     connection = await pool.connect()
     head = request_head("GET", target, headers, False, None)
-    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s)
+    # A WebSocket takes no slot of the queue, so nothing waits for the app if the client goes.
+    return await _exchange(pool, connection, "GET", head, None, None, response_timeout_s, holds_slot=False)

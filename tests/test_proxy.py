@@ -843,20 +843,86 @@ async def test_job_end_on_pooled_connection(tmp_path: Path) -> None:
     assert body["state"] == "stopped"
 
 
-async def test_client_leaving_pooled_request_frees_slot(tmp_path: Path) -> None:
-    upstream = await raw_upstream(scripted_keepalive_app)
+def timed_app(events: list[str], delays: dict[bytes, float]) -> Handler:
+    """Return a keep-alive app that records when each request starts and ends, and responds `delays[target]` s late."""
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            name = head.split(b" ")[1].rsplit(b"/", 1)[1].decode()
+            events.append(f"start {name}")
+            await asyncio.sleep(delays.get(name.encode(), 0.0))
+            events.append(f"end {name}")
+            writer.write(http_response(name.encode()))
+            await writer.drain()
+
+    return app
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["task", "lane"])
+async def test_client_leaving_waits_for_app(tmp_path: Path, pooled: bool) -> None:
+    """A client that leaves while the app works on its request keeps the slot busy until the app responds.
+
+    With a pooled connection the request goes out from callbacks (a lane), without one from a task.
+    """
+    events: list[str] = []
+    upstream = await raw_upstream(timed_app(events, {b"slow": 0.5}))
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
-        async with client.get(proxy.url + proxy.path("/warm")) as warm:
-            await warm.read()
+        if pooled:
+            async with client.get(proxy.url + proxy.path("/warm")) as warm:
+                await warm.read()
+            events.clear()
         with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.3)):
+            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
                 pass
-        # A slot still held would keep this request waiting past its timeout.
-        async with client.get(proxy.url + proxy.path("/warm"), timeout=aiohttp.ClientTimeout(total=5)) as after:
-            assert await after.read() == b"warm"
-        assert proxy.queue.in_flight == 0
-    # The stalled exchange was broken off, so the last request needed a new connection.
+        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
+            body = await after.read()
+        in_flight = proxy.queue.in_flight
+    assert body == b"next"
+    # Without the wait, /next would start while the app still works on /slow.
+    assert events == ["start slow", "end slow", "start next", "end next"]
+    assert in_flight == 0
+    # The connection of the abandoned request was closed, so /next needed a new one.
     assert upstream.connections == 2
+
+
+async def test_abandoned_request_held_until_timeout(tmp_path: Path) -> None:
+    """An app that never responds to an abandoned request holds its slot for proxy.response_timeout_s, no longer."""
+    events: list[str] = []
+    upstream = await raw_upstream(timed_app(events, {b"stall": 30.0}))
+    async with (
+        running_proxy(tmp_path, upstream.port, response_timeout_s=1.0) as proxy,
+        aiohttp.ClientSession() as client,
+    ):
+        with pytest.raises(TimeoutError):
+            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+        # Time for floydd to see the client go, well before the response timeout.
+        await asyncio.sleep(0.1)
+        in_flight_while_held = proxy.queue.in_flight
+        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
+            body = await after.read()
+        in_flight = proxy.queue.in_flight
+    assert in_flight_while_held == 1
+    assert body == b"next"
+    assert events == ["start stall", "start next", "end next"]
+    assert in_flight == 0
+
+
+async def test_job_end_frees_abandoned_slot(tmp_path: Path) -> None:
+    """The job's end closes the connection of an abandoned request at once and frees its slot."""
+    events: list[str] = []
+    upstream = await raw_upstream(timed_app(events, {b"stall": 30.0}))
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+        await asyncio.sleep(0.1)
+        in_flight_while_held = proxy.queue.in_flight
+        proxy.queue.close(JobNotServing("job is stopped, not serving", state="stopped", reason="stopped by a user"))
+        in_flight = proxy.queue.in_flight
+    assert in_flight_while_held == 1
+    assert in_flight == 0
 
 
 async def test_shutdown_lets_pooled_request_finish(tmp_path: Path) -> None:
@@ -1100,12 +1166,16 @@ async def test_pipelined_lane_crash_frees_slot(tmp_path: Path, monkeypatch: pyte
             await warm.read()
         monkeypatch.setattr(ProxyMetrics, "fast_path", failing_fast_path)
         path = proxy.path
-        pipelined = f"GET {path('/warm')} HTTP/1.1\r\nHost: t\r\n\r\nGET {path('/stall')} HTTP/1.1\r\nHost: t\r\n\r\n"
+        pipelined = f"GET {path('/warm')} HTTP/1.1\r\nHost: t\r\n\r\nGET {path('/split')} HTTP/1.1\r\nHost: t\r\n\r\n"
         raw = await raw_exchange(proxy.url, pipelined.encode())
+        # The app still sends the /split response, and the slot is free once it has.
+        async with aiohttp.ClientSession() as client, client.get(proxy.url + path("/warm")) as after:
+            body = await after.read()
         in_flight = proxy.queue.in_flight
     first, _, second = raw.partition(b"\r\n\r\nwarm")
     assert first.startswith(b"HTTP/1.1 200 OK\r\n")
     assert second.startswith(b"HTTP/1.1 500 ")
+    assert body == b"warm"
     assert in_flight == 0
 
 
