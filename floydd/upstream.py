@@ -505,16 +505,24 @@ class ConnectionPool:
         A WSGI app such as Flask goes on with a request after its client has
         gone, and notices only when it writes the response. A request sent
         in its place meanwhile would run beside it. So the request counts as
-        busy (`abandoned`) until the first byte of its response arrives, the
-        app closes the connection, or `deadline` (time.monotonic()) passes.
-        The connection is then closed, which ends whatever response follows.
+        busy (`abandoned`) until its response head arrives, the app closes the
+        connection, or `deadline` (time.monotonic()) passes. The connection is
+        then closed, which ends whatever response follows. Until then it is
+        half-closed, so that an app that watches its socket stops at once.
         """
         delay = deadline - time.monotonic()
-        if self._closed or connection.received or not connection.is_usable() or delay <= 0:
+        if self._closed or _app_done(connection) or not connection.is_usable() or delay <= 0:
             connection.abort()
             return
-        connection.listener = lambda: self._end_abandoned(connection)
+        connection.listener = lambda: self._check_abandoned(connection)
         self._abandoned[connection] = self.loop.call_later(delay, self._end_abandoned, connection)
+        assert connection.transport is not None
+        if connection.transport.can_write_eof():
+            connection.transport.write_eof()
+
+    def _check_abandoned(self, connection: AppConnection) -> None:
+        if _app_done(connection):
+            self._end_abandoned(connection)
 
     def _end_abandoned(self, connection: AppConnection) -> None:
         timer = self._abandoned.pop(connection, None)
@@ -677,6 +685,15 @@ class UpstreamResponse:
                     await sender
         finally:
             self._pool.finish(self._connection, message, body_sent=body_sent)
+
+
+def _app_done(connection: AppConnection) -> bool:
+    """Return whether the app has finished working on the request on `connection`: a final response head, or the end.
+
+    An interim response (100 Continue, 103 Early Hints) does not count, since the app goes on working after it.
+    """
+    message = connection.message
+    return message is None or message.headers_complete or connection.eof or connection.error is not None
 
 
 def _reusable(message: _Message) -> bool:

@@ -8,6 +8,7 @@ closed under the proxy) cannot be produced on demand by a Flask app.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import json
@@ -843,15 +844,21 @@ async def test_job_end_on_pooled_connection(tmp_path: Path) -> None:
     assert body["state"] == "stopped"
 
 
-def timed_app(events: list[str], delays: dict[bytes, float]) -> Handler:
-    """Return a keep-alive app that records when each request starts and ends, and responds `delays[target]` s late."""
+def timed_app(events: list[str], delays: dict[bytes, float], *, interim: bytes = b"") -> Handler:
+    """Return a keep-alive app that records when each request starts and ends, and responds `delays[target]` s late.
+
+    A delayed response starts with the `interim` response head right away, if one is given.
+    """
 
     async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             head, _ = await read_request(reader)
             name = head.split(b" ")[1].rsplit(b"/", 1)[1].decode()
             events.append(f"start {name}")
-            await asyncio.sleep(delays.get(name.encode(), 0.0))
+            delay = delays.get(name.encode(), 0.0)
+            if delay and interim:
+                writer.write(interim)
+            await asyncio.sleep(delay)
             events.append(f"end {name}")
             writer.write(http_response(name.encode()))
             await writer.drain()
@@ -906,6 +913,55 @@ async def test_abandoned_request_held_until_timeout(tmp_path: Path) -> None:
     assert in_flight_while_held == 1
     assert body == b"next"
     assert events == ["start stall", "start next", "end next"]
+    assert in_flight == 0
+
+
+async def test_interim_response_keeps_slot_busy(tmp_path: Path) -> None:
+    """A 103 Early Hints before the client leaves does not end the app's work, so the slot stays busy."""
+    events: list[str] = []
+    early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    upstream = await raw_upstream(timed_app(events, {b"slow": 0.5}, interim=early_hints))
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        with pytest.raises(TimeoutError):
+            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
+            body = await after.read()
+    assert body == b"next"
+    assert events == ["start slow", "end slow", "start next", "end next"]
+
+
+async def socket_watching_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An app that, like an ASGI server, stops working on /slow as soon as its client closes the connection."""
+    while True:
+        head, _ = await read_request(reader)
+        name = head.split(b" ")[1].rsplit(b"/", 1)[1]
+        if name == b"slow":
+            # Nothing more should arrive on this connection, so b"" means the client has closed it.
+            with contextlib.suppress(TimeoutError):
+                if await asyncio.wait_for(reader.read(1), timeout=30) == b"":
+                    writer.transport.abort()
+                    return
+        writer.write(http_response(name))
+        await writer.drain()
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["task", "lane"])
+async def test_abandoned_request_half_closed(tmp_path: Path, pooled: bool) -> None:
+    """floydd half-closes an abandoned request's connection, so an app that watches its socket stops at once."""
+    upstream = await raw_upstream(socket_watching_app)
+    async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
+        if pooled:
+            async with client.get(proxy.url + proxy.path("/warm")) as warm:
+                await warm.read()
+        with pytest.raises(TimeoutError):
+            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+        # Without the half-close the app would work on /slow for 30 s, and /next would wait as long.
+        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
+            body = await after.read()
+        in_flight = proxy.queue.in_flight
+    assert body == b"next"
     assert in_flight == 0
 
 
