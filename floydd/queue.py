@@ -183,12 +183,16 @@ class JobQueue:
     def retry_after_s(self) -> int:
         """Estimate in whole seconds when a rejected request could be admitted.
 
-        The estimate is the time to serve the requests ahead of it, from the
-        larger of the moving average of recent service times and the last
-        one, so that a slowdown shows at once; it is at least 1.
+        The estimate is the time to serve the requests ahead of it. It takes
+        the largest of the moving average of recent service times, the last
+        one, and how long the oldest request in flight has run so far, so
+        that a slowdown shows at once, even before the first slow request
+        ends. It is at least 1.
         """
         ahead = self.depth + self.in_flight
-        service_s = max(self._service_s, self._last_service_s)
+        now = time.monotonic()
+        running_s = max((now - admission.admitted_at for admission in self._admitted), default=0.0)
+        service_s = max(self._service_s, self._last_service_s, running_s)
         return max(1, math.ceil(ahead * service_s / self.concurrency))
 
     @property

@@ -76,6 +76,24 @@ async def test_retry_after_follows_a_slowdown() -> None:
     assert caught.value.headers["Retry-After"] == "2"
 
 
+async def test_retry_after_counts_request_in_flight() -> None:
+    """A slow request still in flight raises Retry-After before it ends, after a run of fast ones."""
+    queue = JobQueue("j", max_depth=1)
+    queue.open(UPSTREAM)
+    for _ in range(20):
+        queue._record_service(0.005)
+    first = await queue.admit(timeout_s=10)
+    # As if it had been admitted 1.9 s ago and were still running.
+    first.admitted_at -= 1.9
+    waiter = asyncio.create_task(queue.admit(timeout_s=10))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull) as caught:
+        await queue.admit(timeout_s=10)
+    waiter.cancel()
+    # Two requests ahead, each taken to last as long as the one in flight so far: 2 × 1.9 s, rounded up.
+    assert caught.value.headers["Retry-After"] == "4"
+
+
 async def test_queue_wait_times_out() -> None:
     queue = JobQueue("j", max_depth=10)
     with pytest.raises(QueueTimeout, match="queue_timeout_s"):
