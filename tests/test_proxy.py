@@ -844,6 +844,19 @@ async def test_job_end_on_pooled_connection(tmp_path: Path) -> None:
     assert body["state"] == "stopped"
 
 
+async def give_up_on(client: aiohttp.ClientSession, url: str) -> None:
+    """Request `url` as a client that gives up after 0.2 s, before the app has responded."""
+    with pytest.raises(TimeoutError):
+        async with client.get(url, timeout=aiohttp.ClientTimeout(total=0.2)):
+            pass
+
+
+async def read_body(client: aiohttp.ClientSession, url: str) -> bytes:
+    """Return the body of a GET of `url`, which may wait in the queue for up to 5 s."""
+    async with client.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+        return await response.read()
+
+
 def timed_app(events: list[str], delays: dict[bytes, float], *, interim: bytes = b"") -> Handler:
     """Return a keep-alive app that records when each request starts and ends, and responds `delays[target]` s late.
 
@@ -879,11 +892,8 @@ async def test_client_leaving_waits_for_app(tmp_path: Path, pooled: bool) -> Non
             async with client.get(proxy.url + proxy.path("/warm")) as warm:
                 await warm.read()
             events.clear()
-        with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
-                pass
-        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
-            body = await after.read()
+        await give_up_on(client, proxy.url + proxy.path("/slow"))
+        body = await read_body(client, proxy.url + proxy.path("/next"))
         in_flight = proxy.queue.in_flight
     assert body == b"next"
     # Without the wait, /next would start while the app still works on /slow.
@@ -894,21 +904,18 @@ async def test_client_leaving_waits_for_app(tmp_path: Path, pooled: bool) -> Non
 
 
 async def test_abandoned_request_held_until_timeout(tmp_path: Path) -> None:
-    """An app that never responds to an abandoned request holds its slot for proxy.response_timeout_s, no longer."""
+    """An abandoned request that the app never responds to keeps its slot busy for response_timeout_s at most."""
     events: list[str] = []
     upstream = await raw_upstream(timed_app(events, {b"stall": 30.0}))
     async with (
         running_proxy(tmp_path, upstream.port, response_timeout_s=1.0) as proxy,
         aiohttp.ClientSession() as client,
     ):
-        with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.2)):
-                pass
+        await give_up_on(client, proxy.url + proxy.path("/stall"))
         # Time for floydd to see the client go, well before the response timeout.
         await asyncio.sleep(0.1)
         in_flight_while_held = proxy.queue.in_flight
-        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
-            body = await after.read()
+        body = await read_body(client, proxy.url + proxy.path("/next"))
         in_flight = proxy.queue.in_flight
     assert in_flight_while_held == 1
     assert body == b"next"
@@ -922,11 +929,8 @@ async def test_interim_response_keeps_slot_busy(tmp_path: Path) -> None:
     early_hints = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
     upstream = await raw_upstream(timed_app(events, {b"slow": 0.5}, interim=early_hints))
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
-        with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
-                pass
-        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
-            body = await after.read()
+        await give_up_on(client, proxy.url + proxy.path("/slow"))
+        body = await read_body(client, proxy.url + proxy.path("/next"))
     assert body == b"next"
     assert events == ["start slow", "end slow", "start next", "end next"]
 
@@ -954,12 +958,9 @@ async def test_abandoned_request_half_closed(tmp_path: Path, pooled: bool) -> No
         if pooled:
             async with client.get(proxy.url + proxy.path("/warm")) as warm:
                 await warm.read()
-        with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/slow"), timeout=aiohttp.ClientTimeout(total=0.2)):
-                pass
+        await give_up_on(client, proxy.url + proxy.path("/slow"))
         # Without the half-close the app would work on /slow for 30 s, and /next would wait as long.
-        async with client.get(proxy.url + proxy.path("/next"), timeout=aiohttp.ClientTimeout(total=5)) as after:
-            body = await after.read()
+        body = await read_body(client, proxy.url + proxy.path("/next"))
         in_flight = proxy.queue.in_flight
     assert body == b"next"
     assert in_flight == 0
@@ -970,9 +971,7 @@ async def test_job_end_frees_abandoned_slot(tmp_path: Path) -> None:
     events: list[str] = []
     upstream = await raw_upstream(timed_app(events, {b"stall": 30.0}))
     async with running_proxy(tmp_path, upstream.port) as proxy, aiohttp.ClientSession() as client:
-        with pytest.raises(TimeoutError):
-            async with client.get(proxy.url + proxy.path("/stall"), timeout=aiohttp.ClientTimeout(total=0.2)):
-                pass
+        await give_up_on(client, proxy.url + proxy.path("/stall"))
         await asyncio.sleep(0.1)
         in_flight_while_held = proxy.queue.in_flight
         proxy.queue.close(JobNotServing("job is stopped, not serving", state="stopped", reason="stopped by a user"))
