@@ -402,8 +402,8 @@ class FrontConnection(asyncio.Protocol):
         """Serve a request admitted after a wait from callbacks if a connection is ready, and return whether it did.
 
         A connection that is closing keeps the request in its task, which is what shutdown waits for.
-        So does a client that has gone: its task, cancelled by connection_lost, passes the slot on
-        without sending the request to the app. The job has not ended: JobQueue.admit() raises
+        So does a client that has gone, because its task, cancelled by connection_lost, passes the
+        slot on without sending the request to the app. The job has not ended: JobQueue.admit() raises
         instead of admitting a request of an ended job.
         """
         if self.closing or self._transport is None or self._transport.is_closing():

@@ -183,11 +183,11 @@ class JobQueue:
     def retry_after_s(self) -> int:
         """Estimate in whole seconds when a rejected request could be admitted.
 
-        The estimate is the time to serve the requests ahead of it. It takes
-        the largest of the moving average of recent service times, the last
-        one, and how long the oldest request in flight has run so far, so
-        that a slowdown shows at once, even before the first slow request
-        ends. It is at least 1.
+        The estimate is the time to serve the requests ahead of it, each taken
+        to last the largest of three times: the moving average of recent
+        service times, the last one, and how long the oldest request in
+        flight has run so far. So a slowdown shows at once, even before the
+        first slow request ends. The estimate is at least 1.
         """
         ahead = self.depth + self.in_flight
         now = time.monotonic()
@@ -333,7 +333,7 @@ class JobQueue:
                 waiter.set_result(self._pool)
 
     def _hand_over(self, on_grant: GrantHook, started: float) -> bool:
-        """Offer a granted slot to a waiter's hook; return whether the hook took it."""
+        """Offer a granted slot to a waiter's hook, and return whether the hook took it."""
         assert self._pool is not None
         admission = Admission(self._pool, time.monotonic() - started)
         self._admitted.add(admission)

@@ -783,13 +783,13 @@ async def _exchange(
         await _read_head(connection, message, sender, response_timeout_s, deadline)
     except asyncio.CancelledError:
         # The client has gone, or a limit or the job's end broke off the exchange.
-        if await _body_sent(sender) and holds_slot:
+        if await _stop_sending_body(sender) and holds_slot:
             pool.abandon(connection, deadline)
         else:
             connection.abort()
         raise
     except BaseException:
-        await _body_sent(sender)
+        await _stop_sending_body(sender)
         connection.abort()
         raise
     bodyless = method == "HEAD" or message.status in (204, 304) or message.upgrade
@@ -870,8 +870,8 @@ def _closed_before_head(connection: AppConnection) -> BadGateway:
     return BadGateway("the app closed the connection in the middle of the response head")
 
 
-async def _body_sent(sender: asyncio.Task[bool] | None) -> bool:
-    """Stop sending the request body if that is still going on; return whether all of it was sent."""
+async def _stop_sending_body(sender: asyncio.Task[bool] | None) -> bool:
+    """Stop sending the request body if that is still going on, and return whether all of it was sent."""
     if sender is None:
         return True
     if not sender.done():
